@@ -1,0 +1,427 @@
+"""Fused row-gather GEMV: the first half of a sparse FFN, over the predicted-active hot rows only.
+
+For a batch of ``b`` tokens (1..8, decode) and ``k`` active neurons ``idx`` of a layer with ``n``
+neurons and model width ``d``::
+
+    x    [b, d]   FFN input (after the norm), fp16 / bf16 / fp32
+    W1   [n, d]   gate_proj.weight (LLaMA) or fc1.weight (OPT); row i = neuron i
+    W2   [n, d]   up_proj.weight (absent for "relu_fc")
+    b1   [n]      optional bias on the W1 side (OPT's fc1.bias)
+    idx  [k]      int32 neuron indices (the union of the batch's active sets; sorted is faster)
+
+    g = x · W1[idx]ᵀ (+ b1[idx])        [b, k]
+    u = x · W2[idx]ᵀ                    [b, k]
+    h = act(g, u)                       [b, k]  float32
+
+    "swiglu":  silu(g) * u      (LLaMA, Mistral, Qwen2, SmolLM)
+    "relu":    relu(g) * u      (ReluLLaMA / ProSparse: hidden_act="relu" on a gated FFN)
+    "drelu":   relu(g) * relu(u) (TurboSparse / Bamboo dReLU)
+    "relu_fc": relu(g)          (OPT: fc1 with bias, no up projection; pass w2=None)
+
+``h`` is always float32: it is tiny (b·k·4 bytes) next to the weights, and sparse_down reads it
+straight back, so keeping full precision costs nothing measurable and removes one rounding step.
+
+Padding: an index outside ``[0, n)`` (e.g. -1) is an inactive slot: its column of ``h`` is 0 and
+no weight is read for it. A caller that needs static shapes (CUDA graphs, torch.compile without
+recompiles) can therefore pass a fixed-capacity ``idx`` padded with -1. Indices are never
+checked against ``n`` on the host: that would need a device sync.
+
+Three ways to compute it (see ``resolve_backend``):
+
+* ``gather_gemv_triton``: the Triton launcher (compiled on CUDA; on CPU tensors only when Triton
+  runs in its interpreter, i.e. ``TRITON_INTERPRET=1`` was set before triton was imported).
+* ``gather_gemv_reference``: plain torch, obviously right, any device; also the CPU hot path.
+* ``torch.ops.offload.gather_gemv``: the registered operator (what ``gather_gemv(backend="auto")``
+  calls); the dispatcher picks the CUDA or the CPU kernel by the tensors' device.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "MAX_BATCH",
+    "gather_gemv",
+    "gather_gemv_reference",
+    "gather_gemv_triton",
+    "interpreter_active",
+    "resolve_backend",
+]
+
+ACTIVATIONS = ("swiglu", "relu", "drelu", "relu_fc")
+BACKENDS = ("auto", "triton", "torch")
+# Decode-sized batches only: the batch is padded to a power of two inside one program and held in
+# registers next to the weight tile. Larger batches (prefill) belong to a dense GEMM.
+MAX_BATCH = 8
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend selection (shared with sparse_down.py)
+# --------------------------------------------------------------------------------------------------
+def interpreter_active() -> bool:
+    """True when this module's Triton kernels run in Triton's CPU interpreter.
+
+    Triton decides at import time: ``@triton.jit`` returns an interpreted function, for our kernels
+    and for triton.language's own helpers (``tl.sum``, ``tl.sigmoid``), only if
+    ``TRITON_INTERPRET=1`` was in the environment when triton and this module were imported.
+    Setting the variable later has no effect, so this checks what actually happened.
+    """
+    return not isinstance(_gather_gemv_kernel, JITFunction)
+
+
+def resolve_backend(device: torch.device, backend: str = "auto") -> str:
+    """Which implementation runs for tensors on ``device``: "triton" or "torch".
+
+    ``backend="auto"`` (what the registered ``torch.ops.offload.*`` operators do):
+
+    ================================  ===========================================================
+    CUDA tensors                      "triton": the compiled Triton kernel
+    CPU tensors, interpreter active   "triton": the same kernel in Triton's interpreter (tests;
+                                      ~10 ms per program instance, so small shapes only)
+    CPU tensors otherwise             "torch": the torch reference (the hot side when the runtime
+                                      runs with ``device="cpu"``)
+    ================================  ===========================================================
+
+    ``backend="triton"`` / ``"torch"`` force one; "triton" on CPU without the interpreter raises.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"tensors must be on a CUDA or CPU device, got {device}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" or interpreter_active():
+        return "triton"
+    return "torch"
+
+
+def _require_triton_device(device: torch.device, op: str) -> None:
+    if device.type == "cpu" and not interpreter_active():
+        raise ValueError(
+            f"{op}: the Triton kernel got CPU tensors but Triton is not in interpreter mode "
+            "(set TRITON_INTERPRET=1 before importing triton to run it on CPU for tests); "
+            "use backend='torch' (or 'auto') for the CPU reference path")
+
+
+def _use_fixed_config(device: torch.device) -> bool:
+    # The interpreter has no timings worth tuning on (and autotuning there takes minutes).
+    return device.type == "cpu" or interpreter_active()
+
+
+def _device_guard(device: torch.device):
+    # Triton launches on the *current* CUDA device; make it the tensors' device.
+    import contextlib
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks (shared with sparse_down.py). They read only metadata, so they also run on the
+# fake tensors torch.compile traces with; nothing here syncs with the device.
+# --------------------------------------------------------------------------------------------------
+def _check_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must be contiguous along its last dimension (stride(-1) == 1), got strides "
+            f"{tuple(t.stride())}; call .contiguous()")
+
+
+def _check_idx(idx, device: torch.device) -> None:
+    _check_tensor("idx", idx, 1)
+    if idx.dtype != torch.int32:
+        raise TypeError(f"idx must be torch.int32, got {idx.dtype}; convert with idx.to(torch.int32)")
+    _check_last_dim_contiguous("idx", idx)
+    _check_same_device("idx", idx, device)
+
+
+def _check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{name}: tensors must be on a CUDA or CPU device, got {device}")
+
+
+def _check_batch(name: str, b: int) -> None:
+    if not 1 <= b <= MAX_BATCH:
+        raise ValueError(
+            f"{name} must have 1..{MAX_BATCH} rows (tokens), got {b}; the sparse kernels are for "
+            "decode, use a dense matmul for larger batches")
+
+
+def check_gather_gemv_args(x, w1, idx, w2=None, b1=None, activation: str = "swiglu") -> None:
+    """Raise ValueError/TypeError, naming the argument, unless the inputs are supported."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _check_tensor("x", x, 2)
+    _check_float("x", x)
+    _check_last_dim_contiguous("x", x)
+    _check_same_device("x", x, x.device)
+    b, d = x.shape
+    _check_batch("x", b)
+    _check_tensor("w1", w1, 2)
+    _check_float("w1", w1)
+    if w1.shape[1] != d:
+        raise ValueError(f"w1 must have shape [n, d={d}] (one row per neuron, d = x.shape[1]), "
+                         f"got {tuple(w1.shape)}")
+    _check_last_dim_contiguous("w1", w1)
+    _check_same_device("w1", w1, x.device)
+    n = w1.shape[0]
+    if activation == "relu_fc":
+        if w2 is not None:
+            raise ValueError("w2 must be None for activation 'relu_fc' (h = relu(x·w1ᵀ + b1))")
+    else:
+        if w2 is None:
+            raise ValueError(f"w2 (up_proj rows, shape [n, d]) is required for activation "
+                             f"{activation!r}")
+        _check_tensor("w2", w2, 2)
+        _check_float("w2", w2)
+        if tuple(w2.shape) != tuple(w1.shape):
+            raise ValueError(f"w2 must have the shape of w1 {tuple(w1.shape)}, got {tuple(w2.shape)}")
+        _check_last_dim_contiguous("w2", w2)
+        _check_same_device("w2", w2, x.device)
+    if b1 is not None:
+        _check_tensor("b1", b1, 1)
+        _check_float("b1", b1)
+        if b1.shape[0] != n:
+            raise ValueError(f"b1 must have shape [n={n}] (one bias per neuron), got {tuple(b1.shape)}")
+        _check_last_dim_contiguous("b1", b1)
+        _check_same_device("b1", b1, x.device)
+    _check_idx(idx, x.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernel
+# --------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["K_BUCKET"])
+def _gather_gemv_kernel(
+    x_ptr, w1_ptr, w2_ptr, b1_ptr, idx_ptr, h_ptr,
+    B, K, N, D,
+    stride_xb, stride_w1n, stride_w2n, stride_hb,
+    K_BUCKET,  # next_power_of_2(K): autotune key only, so a new k does not re-tune
+    ACTIVATION: tl.constexpr,  # "swiglu" | "relu" | "drelu" | "relu_fc"
+    HAS_W2: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    BATCH_PAD: tl.constexpr,  # next_power_of_2(B), <= 8
+    BLOCK_K: tl.constexpr,  # active neurons (gathered rows) per program
+    BLOCK_D: tl.constexpr,  # columns of d per loop step
+):
+    """h[:, j] = act(x · W1[idx[j]]ᵀ (+ b1[idx[j]]), x · W2[idx[j]]ᵀ) for BLOCK_K consecutive j.
+
+    Shapes: x [B, D] (row stride stride_xb, unit column stride), W1/W2 [N, D] (row strides
+    stride_w1n/stride_w2n, unit column stride), b1 [N], idx [K] int32, h [B, K] fp32 (row stride
+    stride_hb). Grid: (cdiv(K, BLOCK_K),). Program p owns h[:, p*BLOCK_K : (p+1)*BLOCK_K] and runs
+    the full dot products over D, so the non-linear activation is applied in registers and h is
+    written once (no split over D, hence no partial sums in memory).
+
+    Per step it loads a [BLOCK_K, BLOCK_D] tile of gathered rows (each row's BLOCK_D elements are
+    contiguous, so every row is one coalesced segment) and the [BATCH_PAD, BLOCK_D] slice of x, and
+    accumulates the [BATCH_PAD, BLOCK_K] dot products in fp32 by broadcast-multiply-sum (a batch of
+    at most 8 is far below tensor-core tile sizes; the kernel is bandwidth bound anyway).
+    Slots with idx outside [0, N) read nothing and produce 0.
+    """
+    pid = tl.program_id(0)
+    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    in_k = offs_k < K
+    rows = tl.load(idx_ptr + offs_k, mask=in_k, other=-1).to(tl.int64)
+    valid = in_k & (rows >= 0) & (rows < N)
+    rows = tl.where(valid, rows, 0)
+
+    offs_b = tl.arange(0, BATCH_PAD)
+    in_b = offs_b < B
+
+    acc1 = tl.zeros([BATCH_PAD, BLOCK_K], dtype=tl.float32)
+    acc2 = tl.zeros([BATCH_PAD, BLOCK_K], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        in_d = offs_d < D
+        xv = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_d[None, :],
+                     mask=in_b[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+        w_mask = valid[:, None] & in_d[None, :]
+        w1 = tl.load(w1_ptr + rows[:, None] * stride_w1n + offs_d[None, :],
+                     mask=w_mask, other=0.0).to(tl.float32)
+        acc1 += tl.sum(xv[:, None, :] * w1[None, :, :], axis=2)
+        if HAS_W2:
+            w2 = tl.load(w2_ptr + rows[:, None] * stride_w2n + offs_d[None, :],
+                         mask=w_mask, other=0.0).to(tl.float32)
+            acc2 += tl.sum(xv[:, None, :] * w2[None, :, :], axis=2)
+
+    g = acc1
+    if HAS_B1:
+        g += tl.load(b1_ptr + rows, mask=valid, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == "swiglu":
+        h = g * tl.sigmoid(g) * acc2
+    elif ACTIVATION == "relu":
+        h = tl.maximum(g, 0.0) * acc2
+    elif ACTIVATION == "drelu":
+        h = tl.maximum(g, 0.0) * tl.maximum(acc2, 0.0)
+    else:  # "relu_fc"
+        h = tl.maximum(g, 0.0)
+    h = tl.where(valid[None, :], h, 0.0)
+    tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :], h,
+             mask=in_b[:, None] & in_k[None, :])
+
+
+# Block sizes.
+# * Interpreter (CPU tests): one fixed config with big blocks, since each program instance costs
+#   ~10 ms of Python. Tests may change INTERPRETER_CONFIG to exercise other tilings.
+# * CUDA (H100 target): autotuned per (batch pad, d, k bucket, dtypes). Candidates keep the
+#   [BATCH_PAD, BLOCK_K, BLOCK_D] fp32 product at 8..64 values per thread (no spills), BLOCK_D
+#   >= 128 so each gathered row is read in >= 256-byte segments, and include small BLOCK_K (2, 4)
+#   so that low densities (k ~ 550 at 5 % of 11008) still launch more programs than the 132 SMs.
+INTERPRETER_CONFIG = {"BLOCK_K": 32, "BLOCK_D": 64}
+
+
+def _cuda_configs(batch_pad: int) -> list:
+    configs = []
+    for block_k in (2, 4, 8, 16, 32):
+        for block_d in (128, 256, 512):
+            for num_warps in (4, 8):
+                per_thread = batch_pad * block_k * block_d / (32 * num_warps)
+                if 8 <= per_thread <= 64:
+                    configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_D": block_d},
+                                                 num_warps=num_warps, num_stages=3))
+    return configs
+
+
+_tuned_kernels: dict = {}
+
+
+def _tuned_kernel(batch_pad: int):
+    if batch_pad not in _tuned_kernels:
+        _tuned_kernels[batch_pad] = triton.autotune(
+            configs=_cuda_configs(batch_pad), key=["D", "K_BUCKET"])(_gather_gemv_kernel)
+    return _tuned_kernels[batch_pad]
+
+
+def gather_gemv_triton(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,
+                       w2: Optional[torch.Tensor] = None, b1: Optional[torch.Tensor] = None,
+                       activation: str = "swiglu") -> torch.Tensor:
+    """Launch the Triton kernel: h [b, k] float32. Raises on unsupported inputs (see module doc).
+
+    No device sync: safe inside CUDA-graph capture once autotuning for the shape has run.
+    """
+    check_gather_gemv_args(x, w1, idx, w2, b1, activation)
+    _require_triton_device(x.device, "gather_gemv")
+    b, d = x.shape
+    n = w1.shape[0]
+    k = idx.shape[0]
+    h = torch.empty((b, k), device=x.device, dtype=torch.float32)
+    if k == 0:
+        return h
+    has_w2, has_b1 = w2 is not None, b1 is not None
+    args = (x, w1, w2 if has_w2 else w1, b1 if has_b1 else w1, idx, h,
+            b, k, n, d,
+            x.stride(0), w1.stride(0), (w2 if has_w2 else w1).stride(0), h.stride(0),
+            triton.next_power_of_2(k))
+    meta = dict(ACTIVATION=activation, HAS_W2=has_w2, HAS_B1=has_b1,
+                BATCH_PAD=triton.next_power_of_2(b))
+    with _device_guard(x.device):
+        if _use_fixed_config(x.device):
+            cfg = INTERPRETER_CONFIG
+            _gather_gemv_kernel[(triton.cdiv(k, cfg["BLOCK_K"]),)](*args, **meta, **cfg)
+        else:
+            _tuned_kernel(meta["BATCH_PAD"])[lambda m: (triton.cdiv(k, m["BLOCK_K"]),)](*args, **meta)
+    return h
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch reference
+# --------------------------------------------------------------------------------------------------
+def gather_gemv_reference(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,
+                          w2: Optional[torch.Tensor] = None, b1: Optional[torch.Tensor] = None,
+                          activation: str = "swiglu") -> torch.Tensor:
+    """The same maths in plain torch (fp32): gather the rows, matmul, activate. h [b, k] float32."""
+    n = w1.shape[0]
+    valid = (idx >= 0) & (idx < n)
+    rows = torch.where(valid, idx, 0).long()
+    xf = x.float()
+    g = xf @ w1.index_select(0, rows).float().T
+    if b1 is not None:
+        g = g + b1.index_select(0, rows).float()
+    if activation == "relu_fc":
+        h = torch.relu(g)
+    else:
+        u = xf @ w2.index_select(0, rows).float().T
+        if activation == "swiglu":
+            h = torch.nn.functional.silu(g) * u
+        elif activation == "relu":
+            h = torch.relu(g) * u
+        elif activation == "drelu":
+            h = torch.relu(g) * torch.relu(u)
+        else:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return torch.where(valid, h, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library operator: torch.ops.offload.gather_gemv
+#
+# A custom_op with one kernel per device key (not triton_op): the dispatcher's device dispatch *is*
+# the backend choice of resolve_backend(), torch.compile treats the op as opaque (it calls the same
+# launcher as eager, so compiled and eager results match by construction), and the CPU kernel may
+# use Triton's interpreter, which triton_op's trace-the-body fake/decomposition cannot run.
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("offload::gather_gemv", mutates_args=())
+def _gather_gemv_op(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,
+                    w2: Optional[torch.Tensor] = None, b1: Optional[torch.Tensor] = None,
+                    activation: str = "swiglu") -> torch.Tensor:
+    raise NotImplementedError(f"offload::gather_gemv has no kernel for device {x.device}")
+
+
+@_gather_gemv_op.register_kernel("cuda")
+def _gather_gemv_cuda(x, w1, idx, w2=None, b1=None, activation="swiglu"):
+    return gather_gemv_triton(x, w1, idx, w2, b1, activation)
+
+
+@_gather_gemv_op.register_kernel("cpu")
+def _gather_gemv_cpu(x, w1, idx, w2=None, b1=None, activation="swiglu"):
+    if resolve_backend(x.device) == "triton":
+        return gather_gemv_triton(x, w1, idx, w2, b1, activation)
+    check_gather_gemv_args(x, w1, idx, w2, b1, activation)
+    return gather_gemv_reference(x, w1, idx, w2, b1, activation)
+
+
+@_gather_gemv_op.register_fake
+def _gather_gemv_fake(x, w1, idx, w2=None, b1=None, activation="swiglu"):
+    check_gather_gemv_args(x, w1, idx, w2, b1, activation)
+    return x.new_empty((x.shape[0], idx.shape[0]), dtype=torch.float32)
+
+
+def gather_gemv(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,
+                w2: Optional[torch.Tensor] = None, b1: Optional[torch.Tensor] = None,
+                activation: str = "swiglu", *, backend: str = "auto") -> torch.Tensor:
+    """h [b, k] float32 = act(x·W1[idx]ᵀ (+b1[idx]), x·W2[idx]ᵀ); see the module docstring.
+
+    backend: "auto" calls ``torch.ops.offload.gather_gemv`` (device dispatch as documented in
+    ``resolve_backend``; this is what torch.compile / CUDA graphs should see), "triton" forces the
+    Triton launcher, "torch" the reference. All three check their inputs the same way.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return torch.ops.offload.gather_gemv(x, w1, idx, w2, b1, activation)
+    check_gather_gemv_args(x, w1, idx, w2, b1, activation)
+    if backend == "triton":
+        return gather_gemv_triton(x, w1, idx, w2, b1, activation)
+    return gather_gemv_reference(x, w1, idx, w2, b1, activation)

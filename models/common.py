@@ -1,0 +1,109 @@
+"""Pieces shared by the architecture files: RMSNorm, RoPE tables, the preallocated KV cache, attention."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from offload.errors import UnsupportedModelError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in fp32 like transformers, cast back to the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] and the cos/sin scale, for the rope types LLaMA-family configs use."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"]), 1.0
+    if rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling.get("original_max_position_embeddings", max_position_embeddings))
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    raise UnsupportedModelError(
+        f"rope_scaling type {rope_type!r} is not supported; supported: default, linear, llama3"
+    )
+
+
+def rope_tables(inv_freq: torch.Tensor, scale: float, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [length, head_dim] (half-rotation layout, as HF LLaMA)."""
+    pos = torch.arange(length, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, h, t, hd]; cos, sin [t, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values for every layer: k, v [layers, batch, kv_heads, max_len, head_dim]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> "KVCache":
+        shape = (layers, batch, kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
+                     layer: int, start: int, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of q [b, h, t, hd] at positions start..start+t over all keys so far.
+
+    k, v [b, kvh, t, hd] are the new keys and values; with a cache they are written at
+    start..start+t and attention reads 0..start+t. Returns [b, h, t, hd].
+    """
+    t = q.shape[2]
+    if cache is not None:
+        end = start + t
+        cache.k[layer, :, :, start:end] = k
+        cache.v[layer, :, :, start:end] = v
+        k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+    total = k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if t == 1:
+        # One query sees every cached key: no mask.
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if total == t:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    # Several new queries after a cached prefix: query i (absolute start+i) sees keys <= start+i.
+    mask = torch.ones(t, total, dtype=torch.bool, device=q.device).tril(diagonal=total - t)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

@@ -1,0 +1,135 @@
+"""The public entry point: ``OffloadedModel.from_pretrained(...).generate(...)``.
+
+Example::
+
+    from offload import OffloadedModel
+    m = OffloadedModel.from_pretrained()            # the embedded SmolLM2-135M-Instruct
+    ids = m.chat_ids("What is the capital of France?")
+    out = m.generate(ids, max_new_tokens=32)
+    print(m.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    print(m.last_stats)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from offload.cache import model_cache_dir
+from offload.checkpoint import Checkpoint, open_checkpoint
+from offload.errors import GenerationError
+from offload.generation import GenerationStats, SamplingConfig, _as_tuple, generate
+from offload.loading import build_model
+from offload.units import parse_memory_size
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype={dtype}: expected one of float32, float16, bfloat16")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def load_tokenizer(ckpt: Checkpoint):
+    """transformers' AutoTokenizer for the checkpoint. GGUF tokenizers take ~10 s to convert, so the
+    converted one is saved once in the model's cache folder and reloaded from there."""
+    from transformers import AutoTokenizer
+
+    if ckpt.gguf_file is None:
+        return AutoTokenizer.from_pretrained(ckpt.tokenizer_path)
+    cached = os.path.join(model_cache_dir(ckpt.identity), "tokenizer")
+    if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(cached)
+    tok = AutoTokenizer.from_pretrained(ckpt.tokenizer_path, gguf_file=ckpt.gguf_file)
+    try:
+        tok.save_pretrained(cached)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return tok
+
+
+class OffloadedModel:
+    """A loaded model with its tokenizer. Until the hybrid runtime is applied it runs dense.
+
+    Attributes: ``model`` (the nn.Module), ``tokenizer``, ``config`` (the family config dataclass),
+    ``checkpoint``, ``device``, ``dtype``, ``gpu_memory`` (bytes or None), ``last_stats``.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, checkpoint: Checkpoint, *, device: torch.device,
+                 gpu_memory: int | None = None):
+        self.model, self.tokenizer, self.checkpoint = model, tokenizer, checkpoint
+        self.config = model.config
+        self.device, self.dtype = device, model.embed.dtype
+        self.gpu_memory = gpu_memory
+        self.last_stats = GenerationStats()
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, gpu_memory: int | str | None = None,
+                        local_files_only: bool = False, revision: str | None = None,
+                        progress: bool = True) -> "OffloadedModel":
+        """Load ``model`` (hub repo id, local HF directory, ``.gguf`` file, or None for the embedded
+        SmolLM2-135M-Instruct). ``gpu_memory`` takes bytes or accelerate-style strings ("8GiB", "8GB").
+        Hub access honours ``HF_HUB_OFFLINE`` and ``local_files_only``."""
+        budget = parse_memory_size(gpu_memory) if gpu_memory is not None else None
+        device = torch.device(device if device is not None else "cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA GPU; use device='cpu'")
+        dtype = _resolve_dtype(dtype, device)
+        ckpt = open_checkpoint(model, revision=revision, local_files_only=local_files_only)
+        net = build_model(ckpt, dtype=dtype, device=device, progress=progress)
+        return cls(net, load_tokenizer(ckpt), ckpt, device=device, gpu_memory=budget)
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    def chat_ids(self, prompt: str, system: str | None = None) -> torch.Tensor:
+        """Token ids [1, t] of ``prompt`` as one user turn in the model's chat template."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)["input_ids"]
+        return ids
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [b, t, V] of one full forward over input_ids [b, t]."""
+        return self.model(input_ids.to(self.device))
+
+    def generate(self, input_ids, *, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 stop_strings: str | list[str] | None = None, streamer=None, seed: int | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Generate like transformers' ``generate``: returns ids [b, prompt + new] (prompt included).
+
+        ``eos_token_id`` defaults to the model's; ``seed`` makes sampling reproducible; ``streamer``
+        gets ``put(ids)`` / ``end()`` calls, so ``transformers.TextStreamer`` works unchanged.
+        Timings of the call are in ``last_stats``.
+        """
+        if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
+            raise GenerationError("attention_mask: padded batches are not supported; pass prompts of equal length")
+        if eos_token_id is None:
+            eos_token_id = self._default_eos()
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                             eos_token_id=_as_tuple(eos_token_id, int), stop_strings=_as_tuple(stop_strings, str),
+                             pad_token_id=pad_token_id, seed=seed)
+        ids, self.last_stats = generate(self.model, input_ids, cfg, max_context=self.max_context,
+                                        streamer=streamer, tokenizer=self.tokenizer)
+        return ids
+
+    def _default_eos(self) -> list[int]:
+        eos = set(_as_tuple(self.config.eos_token_id, int))
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None:
+            eos.add(tok_eos)
+        return sorted(eos)

@@ -1,0 +1,124 @@
+"""GGUF checkpoints (llama.cpp's format) opened as HF-named fp32 tensors.
+
+Metadata becomes a HF-style config dict; tensors are dequantized with the ``gguf`` package one at a
+time when asked for. llama.cpp's converter permutes the rows of LLaMA's q and k projections (its
+RoPE pairs adjacent dims, HF's pairs the two halves); we undo that so the weights match HF's.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import torch
+
+from offload.checkpoint import Checkpoint
+from offload.errors import CheckpointError, UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """HF name of a GGUF tensor ("blk.3.ffn_up.weight" → "model.layers.3.mlp.up_proj.weight")."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
+    if m and m.group(1) in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: rows [head, pair, half] → HF's [head, half, pair]."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def config_from_gguf(reader, path: str) -> dict:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported; "
+                                    f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise UnsupportedModelError(f"{path}: GGUF with a rope_freqs tensor (LLaMA-3.1 rope scaling) is not "
+                                    "supported; load the HF checkpoint instead")
+
+    def need(key):
+        value = _field(reader, f"{arch}.{key}")
+        if value is None:
+            raise CheckpointError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return value
+
+    heads = int(need("attention.head_count"))
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    vocab = int(_field(reader, f"{arch}.vocab_size", int(embed.shape[-1])))
+    config = {
+        "model_type": "llama", "hidden_act": "silu",
+        "vocab_size": vocab,
+        "hidden_size": int(need("embedding_length")),
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    rope_dim = _field(reader, f"{arch}.rope.dimension_count")
+    if rope_dim is not None:
+        config["head_dim"] = int(rope_dim)
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise UnsupportedModelError(f"{path}: GGUF rope scaling {scaling!r} is not supported; supported: linear")
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
+    return config
+
+
+def open_gguf(path: str) -> Checkpoint:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError / struct errors on bad files
+        raise CheckpointError(f"{path}: cannot read GGUF file ({e})") from None
+    config = config_from_gguf(reader, path)
+    by_hf, shapes = {}, {}
+    for t in reader.tensors:
+        name = hf_tensor_name(t.name)
+        if name is None:
+            raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name!r}")
+        by_hf[name] = t
+        shapes[name] = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+
+    def get(name: str) -> torch.Tensor:
+        t = by_hf[name]
+        w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shapes[name])
+        if name.endswith("q_proj.weight"):
+            w = unpermute_qk(w, heads)
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_qk(w, kv_heads)
+        return torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # own, writable copy
+
+    return Checkpoint(source=path, config=config, shapes=shapes, files={n: path for n in shapes}, get=get,
+                      tokenizer_path=os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
