@@ -11,6 +11,17 @@ from torch import nn
 from offload.errors import UnsupportedModelError
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, but one token (x [..., d] with one row) goes through torch.mv: on CPU the BLAS
+    matrix-vector product is ~1.5-2x faster than the matrix-matrix path F.linear takes at batch 1."""
+    if x.numel() == x.shape[-1] and x.device.type == "cpu":
+        y = torch.mv(weight, x.reshape(-1))
+        if bias is not None:
+            y = y + bias
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

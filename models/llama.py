@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offload.errors import UnsupportedModelError
-from offload.models.common import KVCache, RMSNorm, apply_rope, cached_attention, rope_inv_freq, rope_tables
+from offload.models.common import KVCache, linear, RMSNorm, apply_rope, cached_attention, rope_inv_freq, rope_tables
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # hidden_act → how the FFN combines gate g and up u before down_proj.
@@ -137,7 +137,7 @@ class GatedFFN(nn.Module):
 
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:
         """Per-neuron activations [..., n]: the value each neuron contributes, times its down column."""
-        g, u = F.linear(x, self.gate_up, self.gate_up_bias).split(self.n, dim=-1)
+        g, u = linear(x, self.gate_up, self.gate_up_bias).split(self.n, dim=-1)
         if self.kind == "swiglu":
             return F.silu(g) * u
         if self.kind == "relu":
@@ -145,7 +145,7 @@ class GatedFFN(nn.Module):
         return F.relu(g) * F.relu(u)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.intermediate(x), self.down, self.down_bias)
+        return linear(self.intermediate(x), self.down, self.down_bias)
 
 
 class Attention(nn.Module):
@@ -160,14 +160,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int):
         b, t, _ = x.shape
-        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        qkv = linear(x, self.qkv, self.qkv_bias)
         q, k, v = qkv.split((self.h * self.hd, self.kvh * self.hd, self.kvh * self.hd), dim=-1)
         q = q.view(b, t, self.h, self.hd).transpose(1, 2)
         k = k.view(b, t, self.kvh, self.hd).transpose(1, 2)
         v = v.view(b, t, self.kvh, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = cached_attention(q, k, v, cache, layer, start)
-        return F.linear(out.transpose(1, 2).reshape(b, t, self.h * self.hd), self.o, self.o_bias)
+        return linear(out.transpose(1, 2).reshape(b, t, self.h * self.hd), self.o, self.o_bias)
 
 
 class Block(nn.Module):
@@ -227,7 +227,7 @@ class LlamaModel(nn.Module):
         x = self.hidden_states(ids, cache, start)
         if last_only:
             x = x[:, -1:]
-        return F.linear(x, self.head_weight)
+        return linear(x, self.head_weight)
 
     @torch.no_grad()
     def load_weights(self, get) -> None:

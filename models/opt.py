@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offload.errors import UnsupportedModelError
-from offload.models.common import KVCache, cached_attention
+from offload.models.common import KVCache, linear, cached_attention
 
 MODEL_TYPES = ("opt",)
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (fairseq legacy)
@@ -116,10 +116,10 @@ class ReluFFN(nn.Module):
         self.fc2, self.fc2_bias = _param((d, n), dtype, device), _param((d,), dtype, device)
 
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(F.linear(x, self.fc1, self.fc1_bias))
+        return F.relu(linear(x, self.fc1, self.fc1_bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.intermediate(x), self.fc2, self.fc2_bias)
+        return linear(self.intermediate(x), self.fc2, self.fc2_bias)
 
 
 class Attention(nn.Module):
@@ -132,9 +132,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cache: KVCache | None, layer: int, start: int):
         b, t, d = x.shape
-        q, k, v = F.linear(x, self.qkv, self.qkv_bias).view(b, t, 3, self.h, self.hd).permute(2, 0, 3, 1, 4)
+        q, k, v = linear(x, self.qkv, self.qkv_bias).view(b, t, 3, self.h, self.hd).permute(2, 0, 3, 1, 4)
         out = cached_attention(q, k, v, cache, layer, start, scale=self.hd ** -0.5)
-        return F.linear(out.transpose(1, 2).reshape(b, t, d), self.o, self.o_bias)
+        return linear(out.transpose(1, 2).reshape(b, t, d), self.o, self.o_bias)
 
 
 class Block(nn.Module):
@@ -182,7 +182,7 @@ class OPTModel(nn.Module):
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
         if self.project_in is not None:
-            x = F.linear(x, self.project_in)
+            x = linear(x, self.project_in)
         t = ids.shape[1]
         x = x + self.positions[start + POSITION_OFFSET: start + POSITION_OFFSET + t]
         for i, layer in enumerate(self.layers):
@@ -190,7 +190,7 @@ class OPTModel(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         if self.project_out is not None:
-            x = F.linear(x, self.project_out)
+            x = linear(x, self.project_out)
         return x
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0,
@@ -198,7 +198,7 @@ class OPTModel(nn.Module):
         x = self.hidden_states(ids, cache, start)
         if last_only:
             x = x[:, -1:]
-        return F.linear(x, self.head_weight)
+        return linear(x, self.head_weight)
 
     @torch.no_grad()
     def load_weights(self, get) -> None:

@@ -65,13 +65,20 @@ def cold_chunk(W, x, idx, lo, hi, kind, bias, acc, h):
     bias float32 [n]        fc1 bias for RELU_FC (any float32 [>=0] array otherwise)
     acc  float32 [b, d]     partial output, accumulated into (caller zeroes it)
     h    float32 [b]        scratch
+
+    Returns the number of out-of-range entries of ``idx[lo:hi]`` (skipped; the caller raises).
     """
     b = x.shape[0]
+    n = W.shape[0]
     m = W.shape[1]
     zero = np.float32(0.0)
     one = np.float32(1.0)
+    bad = 0
     for p in range(lo, hi):
         i = idx[p]
+        if i < 0 or i >= n:
+            bad += 1
+            continue
         g_row = W[i, 0]
         live = False
         if kind == SWIGLU:
@@ -116,3 +123,4 @@ def cold_chunk(W, x, idx, lo, hi, kind, bias, acc, h):
                     a_t = acc[t]
                     for j in range(d_row.shape[0]):
                         a_t[j] += ht * d_row[j]
+    return bad

@@ -1,0 +1,291 @@
+"""Column-sparse down projection: the second half of a sparse FFN, over the active hot neurons only.
+
+    h    [b, k]   activations of the k active neurons (gather_gemv's output; any float dtype)
+    W3t  [n, d]   down_proj.weight TRANSPOSED, row-major: row i = neuron i's down column, contiguous
+    idx  [k]      int32 neuron indices, the same ones that produced h
+
+    y = h · W3t[idx]        [b, d]  float32        (y[t] = Σ_j h[t, j] · W3t[idx[j]])
+
+Only the k active rows of W3t are read. Entries of idx outside [0, n) are padding and are skipped
+(their h column is ignored), as in gather_gemv; repeated indices are summed. The output is float32
+so the caller can add the cold (CPU) part and any bias before rounding once.
+
+Reduction strategy: deterministic split-K. The k rows are cut into SPLIT contiguous chunks of
+ROWS_PER_SPLIT rows; program (j, s) sums chunk s for columns block j and writes fp32 partials
+[SPLIT, b, d]; a second small kernel sums the SPLIT partials in a fixed order. Unlike TEAL's
+atomics (fp16 atomics in TEAL; fp32 would be needed for accuracy) the result does not depend on
+scheduling, so runs are bit-reproducible, which keeps hot+cold numerics testable and greedy
+decoding stable. The price is one extra launch and SPLIT·b·d·4 bytes of partials (≤ 64·8·4096·4 =
+8 MiB, usually < 1 MiB), which are written and at once re-read from the H100's 50 MB L2, while the
+weights read are k·d·2 bytes (e.g. 9 MB at k = 1100, d = 4096, fp16). Atomics would need a zeroed
+output (a memset launch) as well, so they would save no launch. When SPLIT == 1 (k ≤ 64) the
+partial *is* the output and the second kernel is skipped.
+
+Three ways to compute it, as for gather_gemv (see ``resolve_backend``): ``sparse_down_triton``,
+``sparse_down_reference`` and the operator ``torch.ops.offload.sparse_down`` (``backend="auto"``).
+``ffn_hot_forward`` chains both halves.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .gather_gemv import (
+    BACKENDS,
+    _check_batch,
+    _check_float,
+    _check_idx,
+    _check_last_dim_contiguous,
+    _check_same_device,
+    _check_tensor,
+    _device_guard,
+    _require_triton_device,
+    _use_fixed_config,
+    autotune_bench,
+    check_gather_gemv_args,
+    gather_gemv,
+    resolve_backend,
+)
+
+__all__ = [
+    "ffn_hot_forward",
+    "sparse_down",
+    "sparse_down_reference",
+    "sparse_down_triton",
+    "split_plan",
+]
+
+
+def check_sparse_down_args(h, w3t, idx) -> None:
+    """Raise ValueError/TypeError, naming the argument, unless the inputs are supported."""
+    _check_tensor("h", h, 2)
+    _check_float("h", h)
+    _check_last_dim_contiguous("h", h)
+    _check_same_device("h", h, h.device)
+    _check_batch("h", h.shape[0])
+    _check_tensor("w3t", w3t, 2)
+    _check_float("w3t", w3t)
+    _check_last_dim_contiguous("w3t", w3t)
+    _check_same_device("w3t", w3t, h.device)
+    _check_idx(idx, h.device)
+    if h.shape[1] != idx.shape[0]:
+        raise ValueError(f"h must have one column per index: shape [b, k={idx.shape[0]}], "
+                         f"got {tuple(h.shape)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["K_BUCKET"])
+def _sparse_down_kernel(
+    h_ptr, w_ptr, idx_ptr, out_ptr,
+    B, K, N, D, ROWS_PER_SPLIT,
+    stride_hb, stride_wn, stride_os, stride_ob,
+    K_BUCKET,  # next_power_of_2(K): autotune key only
+    BATCH_PAD: tl.constexpr,  # next_power_of_2(B), <= 8
+    BLOCK_K: tl.constexpr,  # gathered rows per loop step
+    BLOCK_D: tl.constexpr,  # output columns per program
+):
+    """out[s, :, cols] = Σ_{j in chunk s} h[:, j] · W3t[idx[j], cols]  (fp32 partial sums).
+
+    Shapes: h [B, K] (row stride stride_hb), W3t [N, D] (row stride stride_wn), idx [K] int32,
+    out [SPLIT, B, D] fp32 (strides stride_os, stride_ob, 1). Grid: (cdiv(D, BLOCK_D), SPLIT);
+    program (j, s) covers columns [j*BLOCK_D, (j+1)*BLOCK_D) and rows idx[s*ROWS_PER_SPLIT :
+    (s+1)*ROWS_PER_SPLIT]. Each step loads a [BLOCK_K, BLOCK_D] tile (BLOCK_K gathered rows, each a
+    contiguous segment) and h[:, BLOCK_K] and accumulates [BATCH_PAD, BLOCK_D] in fp32.
+    Slots with idx outside [0, N) read nothing.
+    """
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_d = offs_d < D
+    offs_b = tl.arange(0, BATCH_PAD)
+    in_b = offs_b < B
+
+    k_start = pid_s * ROWS_PER_SPLIT
+    k_end = tl.minimum(k_start + ROWS_PER_SPLIT, K)
+    acc = tl.zeros([BATCH_PAD, BLOCK_D], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < k_end
+        rows = tl.load(idx_ptr + offs_k, mask=in_k, other=-1).to(tl.int64)
+        valid = in_k & (rows >= 0) & (rows < N)
+        rows = tl.where(valid, rows, 0)
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_d[None, :],
+                    mask=valid[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+        hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :],
+                     mask=in_b[:, None] & valid[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(hv[:, :, None] * w[None, :, :], axis=1)
+    tl.store(out_ptr + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_d[None, :], acc,
+             mask=in_b[:, None] & in_d[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, y_ptr, NUMEL, SPLIT, BLOCK: tl.constexpr):
+    """y[i] = Σ_s part[s, i] in order s = 0..SPLIT-1 (part [SPLIT, NUMEL], y [NUMEL], fp32).
+
+    Grid: (cdiv(NUMEL, BLOCK),). The fixed order makes the split-K sum deterministic.
+    """
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NUMEL
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * NUMEL + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc, mask=mask)
+
+
+# Split-K plan: each chunk has a multiple of MIN_ROWS_PER_SPLIT rows (so every BLOCK_K <= 64 tiles
+# it exactly) and there are at most MAX_SPLITS chunks. At d = 4096 with BLOCK_D = 128 (32 column
+# blocks) that is 288 programs at k = 550 (5 % of 11008), 576 at k = 1100 and 1856 at k = 11008:
+# >= 2 per SM on an H100 (132 SMs), with >= 64 rows per program to amortise its partial write.
+SPLIT_CONFIG = {"MIN_ROWS_PER_SPLIT": 64, "MAX_SPLITS": 64}
+# Interpreter (CPU tests): fixed big blocks, since each program instance costs ~10 ms of Python.
+INTERPRETER_CONFIG = {"BLOCK_K": 32, "BLOCK_D": 64}
+_SUM_BLOCK = 1024
+
+
+def split_plan(k: int) -> tuple[int, int]:
+    """(rows_per_split, splits) used for k active rows; splits == 0 when k == 0."""
+    unit, max_splits = SPLIT_CONFIG["MIN_ROWS_PER_SPLIT"], SPLIT_CONFIG["MAX_SPLITS"]
+    rows = max(unit, triton.cdiv(triton.cdiv(k, max_splits), unit) * unit)
+    return rows, triton.cdiv(k, rows)
+
+
+def _cuda_configs(batch_pad: int) -> list:
+    # Candidates keep the [BATCH_PAD, BLOCK_K, BLOCK_D] fp32 product at 8..64 values per thread and
+    # BLOCK_D >= 64 (128-byte fp16 segments per gathered row, one cache line).
+    configs = []
+    for block_d in (64, 128, 256):
+        for block_k in (8, 16, 32, 64):
+            for num_warps in (2, 4, 8):
+                per_thread = batch_pad * block_k * block_d / (32 * num_warps)
+                if 8 <= per_thread <= 64:
+                    configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_D": block_d},
+                                                 num_warps=num_warps, num_stages=3))
+    return configs
+
+
+_tuned_kernels: dict = {}
+
+
+def _tuned_kernel(batch_pad: int):
+    if batch_pad not in _tuned_kernels:
+        _tuned_kernels[batch_pad] = triton.autotune(
+            configs=_cuda_configs(batch_pad), key=["D", "K_BUCKET"],
+            do_bench=autotune_bench, cache_results=True)(_sparse_down_kernel)
+    return _tuned_kernels[batch_pad]
+
+
+def sparse_down_triton(h: torch.Tensor, w3t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Launch the Triton kernels: y [b, d] float32 = h · W3t[idx]. Raises on unsupported inputs.
+
+    No device sync: safe inside CUDA-graph capture once autotuning for the shape has run.
+    """
+    check_sparse_down_args(h, w3t, idx)
+    _require_triton_device(h.device, "sparse_down")
+    b, k = h.shape
+    n, d = w3t.shape
+    if k == 0 or d == 0:
+        return torch.zeros((b, d), device=h.device, dtype=torch.float32)
+    rows, splits = split_plan(k)
+    y = torch.empty((b, d), device=h.device, dtype=torch.float32)
+    part = y.unsqueeze(0) if splits == 1 else torch.empty(
+        (splits, b, d), device=h.device, dtype=torch.float32)
+    args = (h, w3t, idx, part, b, k, n, d, rows,
+            h.stride(0), w3t.stride(0), part.stride(0), part.stride(1),
+            triton.next_power_of_2(k))
+    meta = dict(BATCH_PAD=triton.next_power_of_2(b), enable_fp_fusion=True)
+    with _device_guard(h.device):
+        if _use_fixed_config(h.device):
+            cfg = INTERPRETER_CONFIG
+            _sparse_down_kernel[(triton.cdiv(d, cfg["BLOCK_D"]), splits)](
+                *args, **meta, **cfg)
+        else:
+            _tuned_kernel(meta["BATCH_PAD"])[lambda m: (triton.cdiv(d, m["BLOCK_D"]), splits)](
+                *args, **meta)
+        if splits > 1:
+            _sum_splits_kernel[(triton.cdiv(b * d, _SUM_BLOCK),)](
+                part, y, b * d, splits, BLOCK=_SUM_BLOCK, num_warps=4, enable_fp_fusion=True)
+    return y
+
+
+def sparse_down_reference(h: torch.Tensor, w3t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The same maths in plain torch (fp32): y [b, d] = h · W3t[idx], padding slots dropped."""
+    n = w3t.shape[0]
+    valid = (idx >= 0) & (idx < n)
+    rows = torch.where(valid, idx, 0).long()
+    hf = torch.where(valid, h.float(), 0.0)
+    return hf @ w3t.index_select(0, rows).float()
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library operator: torch.ops.offload.sparse_down (same structure as offload::gather_gemv)
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("offload::sparse_down", mutates_args=())
+def _sparse_down_op(h: torch.Tensor, w3t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    raise NotImplementedError(f"offload::sparse_down has no kernel for device {h.device}")
+
+
+@_sparse_down_op.register_kernel("cuda")
+def _sparse_down_cuda(h, w3t, idx):
+    return sparse_down_triton(h, w3t, idx)
+
+
+@_sparse_down_op.register_kernel("cpu")
+def _sparse_down_cpu(h, w3t, idx):
+    if resolve_backend(h.device) == "triton":
+        return sparse_down_triton(h, w3t, idx)
+    check_sparse_down_args(h, w3t, idx)
+    return sparse_down_reference(h, w3t, idx)
+
+
+@_sparse_down_op.register_fake
+def _sparse_down_fake(h, w3t, idx):
+    check_sparse_down_args(h, w3t, idx)
+    return h.new_empty((h.shape[0], w3t.shape[1]), dtype=torch.float32)
+
+
+def sparse_down(h: torch.Tensor, w3t: torch.Tensor, idx: torch.Tensor, *,
+                backend: str = "auto") -> torch.Tensor:
+    """y [b, d] float32 = h · W3t[idx]; see the module docstring.
+
+    backend: "auto" calls ``torch.ops.offload.sparse_down`` (device dispatch as documented in
+    ``offload.kernels.gather_gemv.resolve_backend``), "triton" forces the Triton launcher, "torch"
+    the reference.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_sparse_down_args(h, w3t, idx)
+    if backend == "auto":
+        return torch.ops.offload.sparse_down(h, w3t, idx)
+    if backend == "triton":
+        return sparse_down_triton(h, w3t, idx)
+    return sparse_down_reference(h, w3t, idx)
+
+
+def ffn_hot_forward(x: torch.Tensor, idx: torch.Tensor, *, w1: torch.Tensor, w3t: torch.Tensor,
+                    w2: Optional[torch.Tensor] = None, b1: Optional[torch.Tensor] = None,
+                    activation: str = "swiglu", backend: str = "auto") -> torch.Tensor:
+    """The hot half of a sparse FFN: y [b, d] float32 = act(x·W1[idx]ᵀ (+b1), x·W2[idx]ᵀ) · W3t[idx].
+
+    x [b, d]; w1, w2, w3t [n, d] (w3t = down_proj.weight.T.contiguous()); b1 [n]; idx int32 [k].
+    The down-projection bias (OPT's fc2.bias) is not added here: add it once, after hot + cold.
+
+    backend (one choice for both halves):
+      "auto"   → torch.ops.offload.gather_gemv / sparse_down: Triton on CUDA; on CPU Triton's
+                 interpreter when it is active (TRITON_INTERPRET=1 at import), else the torch
+                 reference. This is the path for torch.compile and CUDA graphs.
+      "triton" → the Triton launchers (CPU tensors need the interpreter, else ValueError).
+      "torch"  → the torch references, on any device.
+    """
+    check_gather_gemv_args(x, w1, idx, w2, b1, activation)
+    _check_tensor("w3t", w3t, 2)
+    if tuple(w3t.shape) != tuple(w1.shape):
+        raise ValueError(f"w3t must be down_proj.weight.T.contiguous(), shape [n, d] = "
+                         f"{tuple(w1.shape)} like w1, got {tuple(w3t.shape)}")
+    h = gather_gemv(x, w1, idx, w2, b1, activation, backend=backend)
+    return sparse_down(h, w3t, idx, backend=backend)

