@@ -1,0 +1,20 @@
+"""Hot-side FFN kernels: Triton on the GPU, torch references beside them.
+
+    from offload.kernels.gather_gemv import gather_gemv
+    from offload.kernels.sparse_down import sparse_down, ffn_hot_forward
+
+    h = gather_gemv(x, w1, idx, w2, b1, activation)      # [b, k] fp32, reads only rows idx
+    y = sparse_down(h, w3t, idx)                           # [b, d] fp32, reads only rows idx of W_downᵀ
+    y = ffn_hot_forward(x, idx, w1=w1, w2=w2, w3t=w3t)     # both
+
+Importing this package registers torch.ops.offload.gather_gemv and torch.ops.offload.sparse_down.
+The backend choice (backend="auto" | "triton" | "torch") is documented in ``resolve_backend``.
+The functions are not re-exported here under their own names, since ``gather_gemv`` and
+``sparse_down`` would then shadow the submodules of the same names.
+"""
+from . import gather_gemv, sparse_down  # noqa: F401  (registers the torch.library ops)
+from .gather_gemv import ACTIVATIONS, MAX_BATCH, interpreter_active, resolve_backend
+from .sparse_down import ffn_hot_forward
+
+__all__ = ["ACTIVATIONS", "MAX_BATCH", "ffn_hot_forward", "gather_gemv", "interpreter_active",
+           "resolve_backend", "sparse_down"]

@@ -285,10 +285,14 @@ def _gather_gemv_kernel(
 # Block sizes.
 # * Interpreter (CPU tests): one fixed config with big blocks, since each program instance costs
 #   ~10 ms of Python. Tests may change INTERPRETER_CONFIG to exercise other tilings.
-# * CUDA (H100 target): autotuned per (batch pad, d, k bucket, activation, dtypes). Candidates keep the
-#   [BATCH_PAD, BLOCK_K, BLOCK_D] fp32 product at 8..64 values per thread (no spills), BLOCK_D
-#   >= 128 so each gathered row is read in >= 256-byte segments, and include small BLOCK_K (2, 4)
-#   so that low densities (k ~ 550 at 5 % of 11008) still launch more programs than the 132 SMs.
+# * CUDA (H100 target): autotuned per (batch pad, d, k bucket, activation, dtypes). Candidates give
+#   every thread >= 8 weight elements per step (one 16-byte vector load of fp16; checked in the
+#   sm_90 PTX: ld.global.v4), keep the [BATCH_PAD, BLOCK_K, BLOCK_D] fp32 product <= 64 values per
+#   thread (no local-memory spills when compiled for sm_90), use BLOCK_D >= 128 so each gathered
+#   row is read in >= 256-byte segments, and include small BLOCK_K (2, 4) so that low densities
+#   (k ~ 550 at 5 % of 11008) still launch more programs than the H100's 132 SMs. The loads do
+#   not feed tl.dot, so Triton does not software-pipeline them: latency is hidden by occupancy
+#   (many small programs), which is why small tiles are in the list.
 INTERPRETER_CONFIG = {"BLOCK_K": 32, "BLOCK_D": 64}
 
 
@@ -296,9 +300,9 @@ def _cuda_configs(batch_pad: int) -> list:
     configs = []
     for block_k in (2, 4, 8, 16, 32):
         for block_d in (128, 256, 512):
-            for num_warps in (4, 8):
-                per_thread = batch_pad * block_k * block_d / (32 * num_warps)
-                if 8 <= per_thread <= 64:
+            for num_warps in (2, 4, 8):
+                w_per_thread = block_k * block_d // (32 * num_warps)
+                if w_per_thread >= 8 and batch_pad * w_per_thread <= 64:
                     configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_D": block_d},
                                                  num_warps=num_warps, num_stages=3))
     return configs

@@ -156,14 +156,15 @@ def split_plan(k: int) -> tuple[int, int]:
 
 
 def _cuda_configs(batch_pad: int) -> list:
-    # Candidates keep the [BATCH_PAD, BLOCK_K, BLOCK_D] fp32 product at 8..64 values per thread and
-    # BLOCK_D >= 64 (128-byte fp16 segments per gathered row, one cache line).
+    # As for gather_gemv: >= 8 weight elements per thread per step (16-byte vector loads), the
+    # [BATCH_PAD, BLOCK_K, BLOCK_D] fp32 product <= 64 values per thread, and BLOCK_D >= 64
+    # (128-byte fp16 segments per gathered row, one cache line).
     configs = []
     for block_d in (64, 128, 256):
         for block_k in (8, 16, 32, 64):
             for num_warps in (2, 4, 8):
-                per_thread = batch_pad * block_k * block_d / (32 * num_warps)
-                if 8 <= per_thread <= 64:
+                w_per_thread = block_k * block_d // (32 * num_warps)
+                if w_per_thread >= 8 and batch_pad * w_per_thread <= 64:
                     configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_D": block_d},
                                                  num_warps=num_warps, num_stages=3))
     return configs

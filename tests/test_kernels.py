@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -456,9 +457,16 @@ def test_kernels_compile_for_sm90():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@functools.lru_cache(maxsize=2)
 def _cuda_ffn(b, dtype, d=4096, n=11008):
-    x, w1, w2, w3t, b1 = make_ffn(b, torch.float32, d=d, n=n)
-    return [t.to("cuda", dtype) for t in (x, w1, w2, w3t, b1)]
+    """LLaMA-7B FFN-sized inputs made on the GPU (x [b, d], w1/w2/w3t [n, d], b1 [n])."""
+    g = torch.Generator(device="cuda").manual_seed(b)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dtype)
+
+    return (randn(b, d), randn(n, d, scale=d ** -0.5), randn(n, d, scale=d ** -0.5),
+            randn(n, d, scale=n ** -0.5), randn(n, scale=0.5))
 
 
 @pytest.mark.cuda

@@ -109,6 +109,6 @@ def test_hf_dict_config_and_check_fits():
     ("lm_head.weight", "head"), ("model.layers.3.input_layernorm.weight", "norms"),
     ("model.decoder.layers.0.self_attn_layer_norm.bias", "norms"), ("model.layers.1.self_attn.q_proj.bias", "attention"),
     ("model.layers.0.mlp.gate_proj.weight", "ffn_in"), ("model.decoder.layers.2.fc2.bias", "ffn_out"),
-    ("model.decoder.project_out.weight", "head"), ("some.unknown.tensor", "other")])
+    ("model.decoder.project_out.weight", "projections"), ("some.unknown.tensor", "other")])
 def test_classify(name, role):
     assert classify_tensor(name) == role

@@ -1,4 +1,5 @@
 """The placement solver against brute force, its invariants, and the Placement artifact."""
+import functools
 import itertools
 import json
 import warnings
@@ -17,7 +18,7 @@ def brute_force(freqs, nb, cap, c):
     sizes = [len(f) for f in freqs]
     f_all = np.concatenate(freqs)
     layer = np.repeat(np.arange(len(freqs)), sizes)
-    masks = np.array(list(itertools.product((0, 1), repeat=len(f_all))), dtype=bool)
+    masks = _all_subsets(len(f_all))
     mass = masks @ f_all
     cost = masks @ np.asarray(nb)[layer]
     ok = cost <= cap
@@ -25,6 +26,11 @@ def brute_force(freqs, nb, cap, c):
         hot = masks[:, layer == i].sum(1)
         ok &= (hot == 0) | (hot >= min(c, n))
     return mass[ok].max()
+
+
+@functools.cache
+def _all_subsets(n):
+    return np.array(list(itertools.product((0, 1), repeat=n)), dtype=bool)
 
 
 def mass(freqs, placement):
@@ -38,22 +44,21 @@ def check_valid(placement, budget, c):
         assert np.all(np.diff(h) > 0) and (len(h) == 0 or (h[0] >= 0 and h[-1] < n))
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 @pytest.mark.parametrize("c", [0, 2, 3])
 @pytest.mark.parametrize("nb", [[10, 10, 10], [10, 7, 13]])
 def test_milp_and_greedy_against_brute_force(seed, c, nb):
+    """3 layers × 4 neurons: all 4096 subsets, with and without the per-layer minimum."""
     rng = np.random.default_rng(seed)
     freqs = [rng.random(4) ** 2 for _ in range(3)]
-    for cap in range(0, sum(nb) * 4 + 1, 4):
+    for cap in np.linspace(0, sum(nb) * 4, 7).astype(int):
         best = brute_force(freqs, nb, cap, c)
-        budget = FIXED + cap
+        budget = FIXED + int(cap)
         m = solve_placement(freqs, nb, FIXED, budget, min_hot_per_layer=c, method="milp", batch_size=1)
         g = solve_placement(freqs, nb, FIXED, budget, min_hot_per_layer=c, method="greedy")
-        a = solve_placement(freqs, nb, FIXED, budget, min_hot_per_layer=c)
-        for p in (m, g, a):
+        for p in (m, g):
             check_valid(p, budget, c)
         assert mass(freqs, m) == pytest.approx(best, abs=1e-9)
-        assert mass(freqs, a) == pytest.approx(best, abs=1e-9) or (c <= 1 and len(set(nb)) > 1)
         assert mass(freqs, g) <= best + 1e-9
         if c == 0 and len(set(nb)) == 1:  # global top-k is exact
             assert mass(freqs, g) == pytest.approx(best, abs=1e-9)
@@ -80,7 +85,7 @@ def test_budget_never_exceeded_and_minimum_split_held(seed):
     nb = [int(x) for x in rng.integers(5, 50, size=layers)]
     c = int(rng.integers(0, 40))
     for budget in rng.integers(FIXED, FIXED + sum(n * b for n, b in zip(map(len, freqs), nb)), size=4):
-        for method in ("greedy", "milp", "auto"):
+        for method in ("greedy", "milp"):
             p = solve_placement(freqs, nb, FIXED, int(budget), min_hot_per_layer=c, method=method, batch_size=8)
             check_valid(p, int(budget), c)
             assert p.fixed_bytes == FIXED and p.budget == budget
@@ -92,7 +97,7 @@ def test_share_monotone_in_budget(c):
     rng = np.random.default_rng(7)
     freqs = [rng.power(0.2 + 0.2 * i, size=100) for i in range(5)]
     shares = []
-    for budget in range(FIXED, FIXED + 500 * 8 + 1, 200):
+    for budget in range(FIXED, FIXED + 500 * 8 + 1, 400):
         p = solve_placement(freqs, 8, FIXED, budget, min_hot_per_layer=c, method="milp", batch_size=4)
         shares.append(p.share)
     assert all(b >= a - 1e-12 for a, b in zip(shares, shares[1:]))
@@ -111,6 +116,12 @@ def test_auto_uses_exact_greedy_and_milp_with_minimum():
     assert solve_placement(freqs, 2, 0, 10).method == "greedy"
     p = solve_placement(freqs, 2, 0, 10, min_hot_per_layer=3)
     assert p.method in ("milp", "greedy") and p.hot_counts == (5, 0)
+    # A case where the greedy heuristic is beaten: auto returns the MILP's (optimal) answer.
+    freqs = [np.array([0.5, 0.1, 0.6]), np.array([0.8, 0.6, 0.9])]  # total mass 3.5
+    g = solve_placement(freqs, 1, 0, 4, min_hot_per_layer=2, method="greedy")
+    assert g.hot_counts == (0, 3) and g.share == pytest.approx(2.3 / 3.5)
+    p = solve_placement(freqs, 1, 0, 4, min_hot_per_layer=2)
+    assert p.method == "milp" and p.hot_counts == (2, 2) and p.share == pytest.approx(2.8 / 3.5)
 
 
 def test_milp_failure_falls_back_to_greedy(monkeypatch):

@@ -22,7 +22,7 @@ from offload.units import format_bytes
 
 MiB = 2**20
 DEFAULT_CONTEXT_RESERVE = 300 * MiB  # CUDA context + allocator slack, on an accelerator only
-ROLES = ("embeddings", "positions", "attention", "norms", "head", "ffn_fixed", "other",
+ROLES = ("embeddings", "positions", "attention", "norms", "head", "projections", "ffn_fixed", "other",
          "predictors", "kv_cache", "scratch", "context_reserve")
 _FFN_IN = ("gate_proj", "up_proj", "fc1", "w1", "w3")  # neuron i is row i (bias element i)
 _FFN_OUT = ("down_proj", "fc2", "w2")  # neuron i is column i; the [d] bias is fixed
@@ -40,14 +40,17 @@ def dtype_bytes(dtype: str | torch.dtype) -> int:
 
 
 def classify_tensor(name: str) -> str:
-    """Role of a HF tensor name: embeddings, positions, attention, norms, head, ffn_in, ffn_out, other."""
+    """Role of a HF tensor name: embeddings, positions, attention, norms, head, projections, ffn_in
+    (neuron i = row i), ffn_out (neuron i = column i), other (unknown: counted as fixed)."""
     parts = name.split(".")
     if "embed_positions" in parts:
         return "positions"
-    if "embed_tokens" in parts or "wte" in parts or "project_in" in parts:
+    if "embed_tokens" in parts or "wte" in parts:
         return "embeddings"
-    if "lm_head" in parts or "project_out" in parts:
+    if "lm_head" in parts:
         return "head"
+    if "project_in" in parts or "project_out" in parts:  # OPT: embedding dim ↔ hidden dim
+        return "projections"
     if any("norm" in p for p in parts):
         return "norms"
     if any(p in _FFN_IN for p in parts):
@@ -113,12 +116,12 @@ def budget_error(budget: int, need: int, breakdown: dict[str, int] | None = None
     parts = ""
     if breakdown:
         items = sorted(((v, k) for k, v in breakdown.items() if v), reverse=True)
-        parts = " (" + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for v, k in items) + ")"
+        parts = ": " + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for v, k in items)
     ctx = f" for a context of {context} tokens" if context else ""
     ctx += f" × batch {batch}" if batch and batch > 1 else ""
     return BudgetError(
         f"GPU memory budget {format_bytes(budget)} ({budget} bytes) is too small: the non-FFN part of the "
-        f"model{ctx} needs {format_bytes(need)} ({need} bytes){parts}, a shortfall of "
+        f"model{ctx} needs {format_bytes(need)} ({need} bytes{parts}), a shortfall of "
         f"{format_bytes(need - budget)}. Try a shorter context (context= / --context), a larger budget "
         f"(gpu_memory= / --gpu-memory), or device='cpu' to run everything on the CPU.")
 
