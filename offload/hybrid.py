@@ -1,0 +1,205 @@
+"""The hybrid FFN: hot neurons on the device (Triton kernels), cold neurons in CPU RAM (NumPy/numba).
+
+``apply_placement(model, placement_hot, selectors, device=...)`` is a transform: it replaces each
+``layers[i].mlp`` with a :class:`HybridFFN` built from the dense FFN's weights and moves the rest of
+the model (embeddings, attention, norms, head) to ``device``. Nothing is monkeypatched; the dense
+module's weights are copied into the two sides and then released.
+
+Per decode step (≤ 8 tokens) and layer::
+
+    idx = select(x)                         predicted-active neurons (global ids, union over the batch)
+    cold part → worker thread: ColdFFN.forward(x, cold_local(idx))      CPU, overlapped
+    hot part  → ffn_hot_forward(x, hot_local(idx))                       device, meanwhile
+    y = hot + cold (+ down bias once)
+
+Prompt batches (> 8 tokens) take the dense paths on both sides (all neurons).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from offload.cold.ffn import ColdFFN
+from offload.cold.worker import ColdWorker
+from offload.errors import UnsupportedModelError
+from offload.kernels.sparse_down import ffn_hot_forward
+
+DECODE_MAX_TOKENS = 8  # the hot kernels' batch limit; larger batches take the dense paths
+
+Selector = Callable[[torch.Tensor], torch.Tensor]  # x [b, d] → sorted global neuron ids (int64)
+
+
+@dataclass
+class HybridStats:
+    """Counters over decode steps since the last reset (all layers summed)."""
+
+    decode_calls: int = 0  # layer calls on the sparse path
+    active_hot: int = 0  # predicted-active neurons computed on the device
+    active_cold: int = 0  # … and on the CPU
+    bytes_hot: int = 0  # weight bytes those neurons read, device side
+    bytes_cold: int = 0  # … CPU side
+    cold_wait_seconds: float = 0.0  # time the caller waited for the CPU after its own part was done
+    cold_seconds: float = 0.0  # CPU time of the cold part (on the worker)
+    prefill_calls: int = 0
+
+    @property
+    def gpu_share(self) -> float:
+        total = self.active_hot + self.active_cold
+        return self.active_hot / total if total else 0.0
+
+    def reset(self) -> None:
+        for name, value in HybridStats().__dict__.items():
+            setattr(self, name, value)
+
+
+@dataclass
+class _Timed:
+    fn: Callable
+    stats: HybridStats = field(repr=False)
+
+    def __call__(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args)
+        finally:
+            self.stats.cold_seconds += time.perf_counter() - t0
+
+
+def _ffn_weights(mlp: nn.Module):
+    """(kind, w1 [n,d], w2 [n,d] | None, b1 [n] | None, down [d,n], down bias [d] | None) of a dense FFN."""
+    kind = mlp.kind
+    if kind == "relu_fc":  # OPT
+        return kind, mlp.fc1.data, None, mlp.fc1_bias.data, mlp.fc2.data, mlp.fc2_bias.data
+    if getattr(mlp, "gate_up_bias", None) is not None:
+        raise UnsupportedModelError("hybrid FFN with mlp_bias=true (gate/up biases) is not supported yet")
+    n = mlp.n
+    return kind, mlp.gate_up.data[:n], mlp.gate_up.data[n:], None, mlp.down.data, \
+        (mlp.down_bias.data if mlp.down_bias is not None else None)
+
+
+class HybridFFN(nn.Module):
+    """One FFN layer split into hot rows on ``device`` and cold rows on the CPU.
+
+    hot_ids: global ids of the hot neurons (the rest are cold). select: the layer's predictor, or None
+    to compute every neuron (then the result equals the dense FFN). Shapes: x [b, t, d] → [b, t, d].
+    """
+
+    def __init__(self, mlp: nn.Module, hot_ids: Sequence[int] | np.ndarray, select: Selector | None, *,
+                 device: torch.device | str, hot_dtype: torch.dtype, worker: ColdWorker, stats: HybridStats,
+                 backend: str = "auto", cold_threads: int | None = None):
+        super().__init__()
+        kind, w1, w2, b1, down, out_bias = _ffn_weights(mlp)
+        n, d = w1.shape
+        hot = np.unique(np.asarray(hot_ids, dtype=np.int64))
+        if hot.size and (hot[0] < 0 or hot[-1] >= n):
+            raise ValueError(f"hot neuron ids must lie in [0, {n}), got {hot[0]}..{hot[-1]}")
+        cold = np.setdiff1d(np.arange(n), hot)
+        self.kind, self.n, self.d = kind, n, d
+        self.device, self.backend = torch.device(device), backend
+        self.select, self.worker, self.stats = select, worker, stats
+        # Position of each global neuron on its side (-1: on the other side).
+        self.hot_pos = torch.full((n,), -1, dtype=torch.int64)
+        self.hot_pos[torch.from_numpy(hot)] = torch.arange(hot.size)
+        self.cold_pos = np.full(n, -1, dtype=np.int64)
+        self.cold_pos[cold] = np.arange(cold.size)
+        self.n_hot, self.n_cold = int(hot.size), int(cold.size)
+
+        hot_t = torch.from_numpy(hot)
+        to_dev = dict(device=self.device, dtype=hot_dtype)
+        self.w1 = w1[hot_t].to(**to_dev).contiguous()  # [h, d]
+        self.w2 = w2[hot_t].to(**to_dev).contiguous() if w2 is not None else None
+        self.b1 = b1[hot_t].to(**to_dev).contiguous() if b1 is not None else None
+        self.w3t = down[:, hot_t].T.to(**to_dev).contiguous()  # [h, d]: down columns as rows
+        self.out_bias = out_bias.to(device=self.device, dtype=torch.float32) if out_bias is not None else None
+        self.hot_bytes_per_neuron = (3 if w2 is not None else 2) * d * self.w1.element_size() + \
+            (self.b1.element_size() if b1 is not None else 0)
+
+        cold_t = torch.from_numpy(cold)
+        f32 = lambda t: t.detach().to("cpu", torch.float32).numpy()  # noqa: E731
+        self.cold = ColdFFN(f32(w1[cold_t]), None if w2 is None else f32(w2[cold_t]), f32(down[:, cold_t]),
+                            act=kind, bias=None if b1 is None else f32(b1[cold_t]),
+                            threads=cold_threads) if cold.size else None
+        self.cold_bytes_per_neuron = (3 if w2 is not None else 2) * d * 4 + (4 if b1 is not None else 0)
+
+    # -- the two sides -------------------------------------------------------------------------------
+    def _hot(self, x2: torch.Tensor, hot_local: torch.Tensor) -> torch.Tensor:
+        if hot_local.numel() == 0:
+            return torch.zeros(x2.shape, dtype=torch.float32, device=self.device)
+        return ffn_hot_forward(x2.to(self.w1.dtype), hot_local.to(torch.int32), w1=self.w1, w3t=self.w3t,
+                               w2=self.w2, b1=self.b1, activation=self.kind, backend=self.backend)
+
+    def _hot_dense(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.n_hot == 0:
+            return torch.zeros(x2.shape, dtype=torch.float32, device=self.device)
+        xh = x2.to(self.w1.dtype)
+        g = torch.nn.functional.linear(xh, self.w1, self.b1).float()
+        if self.kind == "relu_fc":
+            h = torch.relu(g)
+        else:
+            u = torch.nn.functional.linear(xh, self.w2).float()
+            h = {"swiglu": lambda: torch.nn.functional.silu(g) * u, "relu": lambda: torch.relu(g) * u,
+                 "drelu": lambda: torch.relu(g) * torch.relu(u)}[self.kind]()
+        return h @ self.w3t.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        x_np = x2.detach().to("cpu", torch.float32).numpy()
+        if x2.shape[0] > DECODE_MAX_TOKENS or self.select is None:
+            self.stats.prefill_calls += x2.shape[0] > DECODE_MAX_TOKENS
+            fut = self.worker.submit(_Timed(self.cold.forward_dense, self.stats), x_np) if self.cold else None
+            y = self._hot_dense(x2)
+        else:
+            active = self.select(x2).to("cpu", torch.int64)
+            hot_local = self.hot_pos[active]
+            hot_local = hot_local[hot_local >= 0]
+            cold_local = self.cold_pos[active.numpy()]
+            cold_local = cold_local[cold_local >= 0]
+            st = self.stats
+            st.decode_calls += 1
+            st.active_hot += int(hot_local.numel())
+            st.active_cold += int(cold_local.size)
+            st.bytes_hot += int(hot_local.numel()) * self.hot_bytes_per_neuron
+            st.bytes_cold += int(cold_local.size) * self.cold_bytes_per_neuron
+            fut = None
+            if self.cold is not None and cold_local.size:
+                fut = self.worker.submit(_Timed(self.cold.forward, self.stats), x_np, cold_local)
+            y = self._hot(x2, hot_local.to(self.device))
+        if fut is not None:
+            t0 = time.perf_counter()
+            cold_y = fut.result()
+            self.stats.cold_wait_seconds += time.perf_counter() - t0
+            y = y + torch.from_numpy(np.asarray(cold_y, dtype=np.float32).reshape(y.shape)).to(self.device)
+        if self.out_bias is not None:
+            y = y + self.out_bias
+        return y.to(x.dtype).reshape(shape)
+
+
+def apply_placement(model: nn.Module, hot_ids: Sequence[np.ndarray], selectors: Sequence[Selector | None] | None,
+                    *, device: torch.device | str = "cpu", hot_dtype: torch.dtype | None = None,
+                    backend: str = "auto", cold_threads: int | None = None,
+                    worker: ColdWorker | None = None) -> HybridStats:
+    """Replace every ``layers[i].mlp`` of ``model`` with a HybridFFN (in place) and move the rest of
+    the model to ``device``. hot_ids[i]: layer i's hot neuron ids; selectors[i]: its predictor (None:
+    all neurons). Returns the stats object the layers update."""
+    layers = model.layers
+    if len(hot_ids) != len(layers):
+        raise ValueError(f"placement has {len(hot_ids)} layers, the model {len(layers)}")
+    selectors = list(selectors) if selectors is not None else [None] * len(layers)
+    device = torch.device(device)
+    hot_dtype = hot_dtype or model.embed.dtype
+    worker = worker or ColdWorker()
+    stats = HybridStats()
+    for i, layer in enumerate(layers):
+        dense = layer.mlp
+        layer.mlp = HybridFFN(dense, hot_ids[i], selectors[i], device=device, hot_dtype=hot_dtype,
+                              worker=worker, stats=stats, backend=backend, cold_threads=cold_threads)
+        del dense  # its weights now live on the two sides
+    model.to(device)  # embeddings, attention, norms, head (HybridFFN keeps plain tensors, not parameters)
+    model.hybrid_worker = worker
+    return stats
