@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", default="40GiB", help="GPU memory budget (default 40GiB)")
     p.add_argument("--min-hot", type=int, default=1024, help="minimum hot neurons per used layer (C)")
-    p.add_argument("--batch-size", type=int, default=256, help="neurons per MILP group")
+    p.add_argument("--batch-size", type=int, default=512, help="neurons per MILP group")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per method (best is reported)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -60,7 +60,8 @@ def main(argv=None) -> None:
             best = min(best, time.perf_counter() - t0)
         counts = placement.hot_counts
         results[method] = {"seconds": best, "gpu_share": placement.share, "hot_neurons": sum(counts),
-                           "layers_used": sum(c > 0 for c in counts), "min_used_layer": min(c for c in counts if c) if any(counts) else 0,
+                           "layers_used": sum(c > 0 for c in counts),
+                           "min_used_layer": min((c for c in counts if c), default=0),
                            "total_bytes": placement.total_bytes, "method": placement.method, "note": placement.note}
     unconstrained = solve_placement(freqs, nb, plan.fixed_bytes, budget, method="greedy")
     results["greedy_no_min"] = {"gpu_share": unconstrained.share,
@@ -69,8 +70,9 @@ def main(argv=None) -> None:
         print(json.dumps({"budget_bytes": budget, "fixed_bytes": plan.fixed_bytes, "neuron_bytes": nb,
                           "min_hot_per_layer": args.min_hot, "batch_size": args.batch_size, **results}, indent=1))
         return
-    print(f"70B shape: 80 × 28672 neurons of {nb} B; budget {format_bytes(budget)}, fixed {format_bytes(plan.fixed_bytes)}, "
-          f"C = {args.min_hot}, MILP groups of {args.batch_size}")
+    print(f"70B shape: 80 × 28672 neurons of {nb} B; budget {format_bytes(budget)}, "
+          f"fixed {format_bytes(plan.fixed_bytes)}, "
+          f"C = {args.min_hot}, MILP groups of ≤ {args.batch_size} (≥ 64 a layer)")
     for method in ("greedy", "milp"):
         r = results[method]
         print(f"  {method:6s} {r['seconds']:7.3f} s  mass served {r['gpu_share']:.5f}  hot {r['hot_neurons']} "

@@ -1,6 +1,7 @@
 """The ``offload`` command: thin subcommands over the library.
 
     offload generate [MODEL] --prompt TEXT [--chat] [--max-new-tokens N] [--seed S]
+    offload report [MODEL] --gpu-memory 8GiB [--context 4096] [--json] [--plot FILE.png]
 """
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     g.add_argument("--echo", action="store_true", help="print the prompt too")
     g.set_defaults(func=cmd_generate)
+
+    from offload.place.report_cli import add_report_arguments, run_report
+
+    r = sub.add_parser("report", help="placement under a GPU budget: per-layer hot neurons, memory, roofline")
+    add_report_arguments(r)
+    r.set_defaults(func=run_report)
     return parser
 
 

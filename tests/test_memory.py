@@ -99,7 +99,7 @@ def test_hf_dict_config_and_check_fits():
     with pytest.raises(BudgetError) as e:
         plan.check_fits(plan.fixed_bytes - 1000)
     msg = str(e.value)
-    assert f"{plan.fixed_bytes - 1000} bytes" in msg and f"{plan.fixed_bytes} bytes" in msg
+    assert f"({plan.fixed_bytes - 1000} bytes)" in msg and f"({plan.fixed_bytes} bytes: " in msg
     assert "shortfall" in msg and "kv cache" in msg and "context of 64 tokens" in msg
     assert "shorter context" in msg and "device='cpu'" in msg
 
@@ -107,7 +107,8 @@ def test_hf_dict_config_and_check_fits():
 @pytest.mark.parametrize("name, role", [
     ("model.embed_tokens.weight", "embeddings"), ("model.decoder.embed_positions.weight", "positions"),
     ("lm_head.weight", "head"), ("model.layers.3.input_layernorm.weight", "norms"),
-    ("model.decoder.layers.0.self_attn_layer_norm.bias", "norms"), ("model.layers.1.self_attn.q_proj.bias", "attention"),
+    ("model.decoder.layers.0.self_attn_layer_norm.bias", "norms"),
+    ("model.layers.1.self_attn.q_proj.bias", "attention"),
     ("model.layers.0.mlp.gate_proj.weight", "ffn_in"), ("model.decoder.layers.2.fc2.bias", "ffn_out"),
     ("model.decoder.project_out.weight", "projections"), ("some.unknown.tensor", "other")])
 def test_classify(name, role):

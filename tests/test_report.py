@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from offload.errors import ArtifactError, BudgetError, CheckpointError, OffloadError
-from offload.place.report import (add_report_arguments, build_report, format_report_table, gpu_bandwidth,
-                                  load_profile_frequencies, model_sizes, plot_report, run_report)
+from offload.place.report import build_report, format_report_table, gpu_bandwidth, plot_report
+from offload.place.report_cli import add_report_arguments, load_profile_frequencies, model_sizes, run_report
 
 CONFIG = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 256,
           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
@@ -201,7 +201,8 @@ def test_identity_of_a_checkpoint_directory_matches_loading(config_dir):
 
     config_only = model_sizes(str(config_dir))[1]
     shapes = llama.expected_tensors(config_from_hf(CONFIG))
-    save_file({k: torch.zeros(v, dtype=torch.float16) for k, v in shapes.items()}, str(config_dir / "model.safetensors"))
+    weights = {k: torch.zeros(v, dtype=torch.float16) for k, v in shapes.items()}
+    save_file(weights, str(config_dir / "model.safetensors"))
     config, identity = model_sizes(str(config_dir))
     assert config == CONFIG and identity == open_checkpoint(str(config_dir)).identity == config_only
 
@@ -222,3 +223,19 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(OffloadError, match="pip install matplotlib"):
         plot_report(held[2], held[1], tmp_path / "x.png")
+
+
+def test_profile_layouts(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "p.safetensors"
+    save_file({"model.layers.0.counts": np.array([5, 0, 10]), "model.layers.1.counts": np.array([1, 2, 3]),
+               "tokens": np.array(10)}, str(path))  # one global token count, no identity metadata
+    freqs = load_profile_frequencies(path, "any")
+    assert np.allclose(freqs[0], [0.5, 0, 1]) and np.allclose(freqs[1], [0.1, 0.2, 0.3])
+    save_file({"layers.0.counts": np.array([1])}, str(path))
+    with pytest.raises(ArtifactError, match="no positive token count for layer 0"):
+        load_profile_frequencies(path)
+    save_file({"something": np.array([1])}, str(path))
+    with pytest.raises(ArtifactError, match="expected tensors layers.0.counts"):
+        load_profile_frequencies(path)

@@ -142,7 +142,7 @@ def test_budget_below_fixed_raises_before_solving():
         solve_placement([np.ones(4)], 10, fixed_bytes=3 * 2**30, budget=2 * 2**30,
                         fixed_breakdown={"attention": 2 * 2**30, "kv_cache": 2**30})
     msg = str(e.value)
-    assert "2.00 GiB (2147483648 bytes)" in msg and "3.00 GiB (3221225472 bytes)" in msg
+    assert "2.00 GiB (2147483648 bytes)" in msg and "3.00 GiB (3221225472 bytes: " in msg
     assert "shortfall of 1.00 GiB" in msg and "attention 2.00 GiB" in msg and "kv cache 1.00 GiB" in msg
     assert "shorter context" in msg and "device='cpu'" in msg
 

@@ -1,6 +1,7 @@
 """``offload report``: where each layer's neurons would go under a GPU budget, and what that buys.
 
-Library functions (the CLI wiring is ``add_report_arguments(parser)`` + ``run_report(args)``):
+Library functions (the CLI wiring, ``add_report_arguments(parser)`` + ``run_report(args)``, and the
+inputs ``model_sizes`` / ``load_profile_frequencies`` are in :mod:`offload.place.report_cli`):
 ``plan_and_place`` (MemoryPlan + Placement), ``build_report`` (→ dict), ``format_report_table``,
 ``plot_report`` (PNG), ``model_sizes`` (config and shapes without loading weights),
 ``load_profile_frequencies``, ``gpu_bandwidth``, ``measure_cpu_bandwidth``.
@@ -33,15 +34,12 @@ JSON schema (``--json``; ``schema`` = "offload.report/1"; bytes are ints, shares
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import sys
 import time
 
 import numpy as np
 
-from offload.errors import ArtifactError, CheckpointError, OffloadError
+from offload.errors import ArtifactError, OffloadError
 from offload.place.memory import dtype_bytes, plan_memory
 from offload.place.solver import Placement, solve_placement
 from offload.units import format_bytes, parse_memory_size
@@ -137,9 +135,10 @@ def build_report(config, *, budget, frequencies=None, density: float = 0.5, cont
                  dtype: str = "float16", cpu_dtype: str = "float32", predictor_bytes=0, min_hot_per_layer: int = 0,
                  method: str = "auto", identity: str = "", source: str = "", profile: str | None = None,
                  gpu: str | None = None, gpu_bw: float | None = None, cpu_bw: float | None = None,
-                 shapes=None, placement_out: list | None = None) -> dict:
+                 shapes=None, placement_out: list | None = None, **plan_options) -> dict:
     """The report as plain data (schema in the module docstring). ``config``: a HF config dict or a
-    family config. ``placement_out``, if a list, receives (plan, placement, frequencies)."""
+    family config. ``placement_out``, if a list, receives (plan, placement, frequencies).
+    ``plan_options`` go to ``plan_memory`` (kv_dtype, context_reserve, embed_on_host, tokens)."""
     if isinstance(config, dict):
         from offload.models import config_from_hf
 
@@ -147,7 +146,7 @@ def build_report(config, *, budget, frequencies=None, density: float = 0.5, cont
     plan, placement, freqs = plan_and_place(
         config, budget=budget, frequencies=frequencies, density=density, context=context, batch=batch, dtype=dtype,
         predictor_bytes=predictor_bytes, min_hot_per_layer=min_hot_per_layer, method=method, identity=identity,
-        shapes=shapes)
+        shapes=shapes, **plan_options)
     if placement_out is not None:
         placement_out[:] = [plan, placement, freqs]
     cold = sum((n - len(h)) * e for n, h, e in zip(plan.neurons, placement.hot, plan.neuron_elements))
@@ -164,12 +163,14 @@ def build_report(config, *, budget, frequencies=None, density: float = 0.5, cont
         "memory": {"gpu": dict(plan.device_bytes), "gpu_fixed_bytes": plan.fixed_bytes,
                    "gpu_hot_ffn_bytes": placement.hot_bytes, "gpu_total_bytes": placement.total_bytes,
                    "gpu_free_bytes": placement.budget - placement.total_bytes,
-                   "cpu_cold_ffn_bytes": cold * dtype_bytes(cpu_dtype), "cpu_other_bytes": sum(plan.host_bytes.values())},
+                   "cpu_cold_ffn_bytes": cold * dtype_bytes(cpu_dtype),
+                   "cpu_other_bytes": sum(plan.host_bytes.values())},
         "placement": {"method": placement.method, "note": placement.note,
                       "min_hot_per_layer": placement.min_hot_per_layer, "hot_neurons": sum(placement.hot_counts),
                       "neurons": sum(plan.neurons), "gpu_share": placement.share},
         "layers": layers,
-        "roofline": roofline(plan, placement, freqs, config, cpu_dtype=cpu_dtype, gpu=gpu, gpu_bw=gpu_bw, cpu_bw=cpu_bw),
+        "roofline": roofline(plan, placement, freqs, config, cpu_dtype=cpu_dtype, gpu=gpu, gpu_bw=gpu_bw,
+                             cpu_bw=cpu_bw),
     }
 
 
@@ -199,9 +200,11 @@ def format_report_table(report: dict) -> str:
     total_pct = 100.0 * pl["hot_neurons"] / pl["neurons"]
     out.append(f"{'total':>5} | {pl['hot_neurons']:>7} | {total_pct:>5.1f}% | "
                f"{mem['gpu_hot_ffn_bytes'] / 2**20:>9.1f} | {100 * pl['gpu_share']:>8.1f}%")
-    out.append(f"placement: {pl['method']} ({pl['note']}); minimum hot neurons per used layer: {pl['min_hot_per_layer']}")
-    out.append(f"roofline, decode at batch 1 at the end of the context: GPU {rf['gpu']} {rf['gpu_bandwidth'] / 1e9:.0f} GB/s "
-               f"({rf['gpu_bandwidth_source']}), CPU {rf['cpu_bandwidth'] / 1e9:.1f} GB/s ({rf['cpu_bandwidth_source']})")
+    out.append(f"placement: {pl['method']} ({pl['note']}); "
+               f"minimum hot neurons per used layer: {pl['min_hot_per_layer']}")
+    out.append(f"roofline, decode at batch 1 at the end of the context: GPU {rf['gpu']} "
+               f"{rf['gpu_bandwidth'] / 1e9:.0f} GB/s ({rf['gpu_bandwidth_source']}), "
+               f"CPU {rf['cpu_bandwidth'] / 1e9:.1f} GB/s ({rf['cpu_bandwidth_source']})")
     out.append(f"  GPU {format_bytes(rf['gpu_bytes_per_token'])}/token = {rf['gpu_ms']:.2f} ms; "
                f"CPU (active cold rows) {format_bytes(rf['cpu_bytes_per_token'])}/token = {rf['cpu_ms']:.2f} ms; "
                f"PCIe: activations only, {format_bytes(rf['pcie_bytes_per_token'])}/token")
@@ -241,161 +244,3 @@ def plot_report(frequencies, placement: Placement, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def model_sizes(model=None, *, local_files_only: bool = False, revision: str | None = None) -> tuple[dict, str]:
-    """(HF config dict, model identity) without loading or downloading any weight.
-
-    GGUF files and local directories with safetensors: config and file headers. A directory with only
-    config.json: the config (identity derived from the config's expected tensors). A hub id: the local
-    cache if it has the model, else config.json and the safetensors headers over HTTP
-    (``get_safetensors_metadata``) — unless ``HF_HUB_OFFLINE`` or ``local_files_only``."""
-    from offload.checkpoint import model_identity, open_checkpoint
-    from offload.models import family_for
-
-    def config_only(config: dict) -> tuple[dict, str]:
-        module, config_cls, _ = family_for(config.get("model_type"))
-        return config, model_identity(config, module.expected_tensors(config_cls.from_hf(config)))
-
-    path = None if model is None else os.fspath(model)
-    if path is None or path.endswith(".gguf") or (os.path.isdir(path) and any(
-            n.endswith(".safetensors") for n in os.listdir(path))):
-        ckpt = open_checkpoint(path)
-        return ckpt.config, ckpt.identity
-    if os.path.isdir(path):
-        return config_only(_read_json(os.path.join(path, "config.json")))
-    import huggingface_hub as hub
-    from huggingface_hub import constants
-
-    try:  # fully cached: exactly what loading would see
-        ckpt = open_checkpoint(path, revision=revision, local_files_only=True)
-        return ckpt.config, ckpt.identity
-    except CheckpointError:
-        pass
-    offline = local_files_only or constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
-        "1", "ON", "YES", "TRUE")
-    if offline:
-        cached = hub.try_to_load_from_cache(path, "config.json", revision=revision)
-        if not isinstance(cached, str):
-            raise CheckpointError(f"{path}: not in the local Hugging Face cache and downloads are off "
-                                  "(HF_HUB_OFFLINE=1 or --local-files-only)")
-        return config_only(_read_json(cached))
-    try:
-        config = _read_json(hub.hf_hub_download(path, "config.json", revision=revision))
-        meta = hub.get_safetensors_metadata(path, revision=revision)
-    except Exception as e:  # network errors, missing or gated repos, repos without safetensors
-        raise CheckpointError(f"{path}: cannot read config.json and safetensors headers from the hub: {e}") from None
-    shapes = {name: tuple(info.shape) for f in meta.files_metadata.values() for name, info in f.tensors.items()}
-    return config, model_identity(config, shapes)
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found (expected a HF model directory with config.json)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-
-
-def load_profile_frequencies(path, identity: str | None = None) -> list[np.ndarray]:
-    """Per-layer activation frequencies from a profile.safetensors: ``layers.{i}.counts`` (int64 [n],
-    activations per neuron) over ``layers.{i}.tokens`` (or one global ``tokens``); metadata
-    ``model_identity`` is checked against ``identity``."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(os.fspath(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # missing file, not safetensors
-        raise ArtifactError(f"{path}: cannot read the profile ({e})") from None
-    made_for = meta.get("model_identity") or meta.get("identity")
-    if identity and made_for and made_for != identity:
-        raise ArtifactError(f"{path}: this profile was made for model {made_for!r}, not for this model "
-                            f"({identity!r}); profile this model first (offload profile)")
-    counts = {int(m.group(1)): v for k, v in tensors.items() if (m := re.search(r"(\d+)\.counts$", k))}
-    if not counts or sorted(counts) != list(range(len(counts))):
-        raise ArtifactError(f"{path}: expected tensors layers.0.counts … layers.N.counts (and tokens), "
-                            f"found {sorted(tensors)[:6]}")
-    freqs = []
-    for i in range(len(counts)):
-        tokens = tensors.get(f"layers.{i}.tokens", tensors.get("tokens"))
-        if tokens is None or float(np.sum(tokens)) <= 0:
-            raise ArtifactError(f"{path}: no positive token count for layer {i} (layers.{i}.tokens or tokens)")
-        freqs.append(np.clip(counts[i].astype(np.float64) / float(np.sum(tokens)), 0.0, 1.0))
-    return freqs
-
-
-def add_report_arguments(p) -> None:
-    """The ``offload report`` options, on an argparse (sub)parser."""
-    p.add_argument("model", nargs="?", default=None,
-                   help="hub repo id, local HF directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--gpu-memory", required=True, help="GPU budget, e.g. 8GiB (2^30) or 8GB (10^9)")
-    p.add_argument("--context", type=int, default=4096, help="KV cache length in tokens (default 4096)")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
-    p.add_argument("--dtype", default="float16", help="GPU weight dtype (default float16)")
-    p.add_argument("--cpu-dtype", default="float32", help="cold rows' dtype in CPU RAM (default float32)")
-    p.add_argument("--profile", default=None, help="profile.safetensors (default: the model's cached profile, if any)")
-    p.add_argument("--density", type=float, default=0.5,
-                   help="without a profile: every neuron's assumed activation frequency (default 0.5)")
-    p.add_argument("--predictor-bytes", default="0", help="one layer's predictor size on the GPU (e.g. 2MiB)")
-    p.add_argument("--min-hot", type=int, default=0, help="each layer holds 0 or at least this many hot neurons")
-    p.add_argument("--method", default="auto", choices=("auto", "greedy", "milp"), help="placement solver")
-    p.add_argument("--gpu", default=None, help=f"GPU name for the bandwidth table (default: detected, else {DEFAULT_GPU})")
-    p.add_argument("--gpu-bandwidth", default=None, help="GPU memory bandwidth, bytes/s (e.g. 3.35e12 or 3.35TB)")
-    p.add_argument("--cpu-bandwidth", default=None, help="CPU memory bandwidth, bytes/s (default: measured)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--plot", default=None, metavar="FILE.png", help="write frequency curves and hot shares")
-    p.add_argument("--revision", default=None, help="hub revision")
-    p.add_argument("--local-files-only", action="store_true", help="never reach the hub; use its local cache")
-
-
-def run_report(args, *, load_frequencies=None, out=None) -> int:
-    """Run ``offload report`` from parsed ``args``. ``load_frequencies(path, identity) → list of arrays``
-    reads the profile (default: ``load_profile_frequencies``). Raises OffloadError subclasses with
-    messages meant for the user."""
-    from offload.cache import model_cache_dir
-
-    out = out or sys.stdout
-    budget = parse_memory_size(args.gpu_memory, name="--gpu-memory")  # bad input fails before any I/O
-    rate = {k: parse_memory_size(v, name=f"--{k.replace('_', '-')}") if v is not None else None
-            for k, v in (("gpu_bandwidth", args.gpu_bandwidth), ("cpu_bandwidth", args.cpu_bandwidth))}
-    predictor = parse_memory_size(args.predictor_bytes, name="--predictor-bytes") if args.predictor_bytes != "0" else 0
-    if args.context < 1 or args.batch < 1:
-        raise OffloadError(f"--context and --batch must be ≥ 1, got {args.context} and {args.batch}")
-    config, identity = model_sizes(args.model, local_files_only=args.local_files_only, revision=args.revision)
-    profile = args.profile
-    if profile is None:
-        cached = os.path.join(model_cache_dir(identity, create=False), "profile.safetensors")
-        profile = cached if os.path.isfile(cached) else None
-    freqs = (load_frequencies or load_profile_frequencies)(profile, identity) if profile else None
-    gpu = args.gpu
-    if gpu is None and rate["gpu_bandwidth"] is None:
-        gpu = _detected_gpu()
-    held: list = []
-    report = build_report(config, budget=budget, frequencies=freqs, density=args.density, context=args.context,
-                          batch=args.batch, dtype=args.dtype, cpu_dtype=args.cpu_dtype, predictor_bytes=predictor,
-                          min_hot_per_layer=args.min_hot, method=args.method, identity=identity,
-                          source=args.model or "default (SmolLM2-135M-Instruct)", profile=profile, gpu=gpu,
-                          gpu_bw=rate["gpu_bandwidth"], cpu_bw=rate["cpu_bandwidth"], placement_out=held)
-    print(json.dumps(report, indent=1) if args.json else format_report_table(report), file=out)
-    if args.plot:
-        plot_report(held[2], held[1], args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
-    return 0
-
-
-def _detected_gpu() -> str:
-    """The CUDA device's name when it is in the table, else the default."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            name = torch.cuda.get_device_name()
-            gpu_bandwidth(name)
-            return name
-    except Exception:  # no torch CUDA, or a GPU not in the table
-        pass
-    return DEFAULT_GPU
