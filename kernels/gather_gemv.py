@@ -7,7 +7,8 @@ neurons and model width ``d``::
     W1   [n, d]   gate_proj.weight (LLaMA) or fc1.weight (OPT); row i = neuron i
     W2   [n, d]   up_proj.weight (absent for "relu_fc")
     b1   [n]      optional bias on the W1 side (OPT's fc1.bias)
-    idx  [k]      int32 neuron indices (the union of the batch's active sets; sorted is faster)
+    idx  [k]      int32 neuron indices (the union of the batch's active sets; sorted is kinder
+                  to DRAM pages and caches, but any order works)
 
     g = x · W1[idx]ᵀ (+ b1[idx])        [b, k]
     u = x · W2[idx]ᵀ                    [b, k]
@@ -162,6 +163,15 @@ def _check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None
         raise ValueError(f"{name}: tensors must be on a CUDA or CPU device, got {device}")
 
 
+def _check_no_grad(op: str, **tensors) -> None:
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if t is not None and t.requires_grad:
+                raise ValueError(
+                    f"{op}: {name} requires grad, but the sparse FFN kernels are inference-only (no "
+                    "autograd formula); call under torch.inference_mode() or torch.no_grad()")
+
+
 def _check_batch(name: str, b: int) -> None:
     if not 1 <= b <= MAX_BATCH:
         raise ValueError(
@@ -208,6 +218,7 @@ def check_gather_gemv_args(x, w1, idx, w2=None, b1=None, activation: str = "swig
         _check_last_dim_contiguous("b1", b1)
         _check_same_device("b1", b1, x.device)
     _check_idx(idx, x.device)
+    _check_no_grad("gather_gemv", x=x, w1=w1, w2=w2, b1=b1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,9 +247,9 @@ def _gather_gemv_kernel(
 
     Per step it loads a [BLOCK_K, BLOCK_D] tile of gathered rows (each row's BLOCK_D elements are
     contiguous, so every row is one coalesced segment) and the [BATCH_PAD, BLOCK_D] slice of x, and
-    accumulates the [BATCH_PAD, BLOCK_K] dot products in fp32 by broadcast-multiply-sum (a batch of
-    at most 8 is far below tensor-core tile sizes; the kernel is bandwidth bound anyway).
-    Slots with idx outside [0, N) read nothing and produce 0.
+    accumulates x * w elementwise in fp32 into [BATCH_PAD, BLOCK_K, BLOCK_D]; the sum over D runs
+    once after the loop. No tensor cores: a batch of at most 8 is below their tile sizes and the
+    kernel is bandwidth bound anyway. Slots with idx outside [0, N) read nothing and produce 0.
     """
     pid = tl.program_id(0)
     offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -250,8 +261,10 @@ def _gather_gemv_kernel(
     offs_b = tl.arange(0, BATCH_PAD)
     in_b = offs_b < B
 
-    acc1 = tl.zeros([BATCH_PAD, BLOCK_K], dtype=tl.float32)
-    acc2 = tl.zeros([BATCH_PAD, BLOCK_K], dtype=tl.float32)
+    # Elementwise fp32 accumulators over the whole tile; reduced over D once, after the loop, so
+    # the loop body has no cross-thread reduction (shuffles / shared memory / barriers).
+    acc1 = tl.zeros([BATCH_PAD, BLOCK_K, BLOCK_D], dtype=tl.float32)
+    acc2 = tl.zeros([BATCH_PAD, BLOCK_K, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         in_d = offs_d < D
@@ -260,21 +273,22 @@ def _gather_gemv_kernel(
         w_mask = valid[:, None] & in_d[None, :]
         w1 = tl.load(w1_ptr + rows[:, None] * stride_w1n + offs_d[None, :],
                      mask=w_mask, other=0.0).to(tl.float32)
-        acc1 += tl.sum(xv[:, None, :] * w1[None, :, :], axis=2)
+        acc1 += xv[:, None, :] * w1[None, :, :]
         if HAS_W2:
             w2 = tl.load(w2_ptr + rows[:, None] * stride_w2n + offs_d[None, :],
                          mask=w_mask, other=0.0).to(tl.float32)
-            acc2 += tl.sum(xv[:, None, :] * w2[None, :, :], axis=2)
+            acc2 += xv[:, None, :] * w2[None, :, :]
 
-    g = acc1
+    g = tl.sum(acc1, axis=2)  # [BATCH_PAD, BLOCK_K]
     if HAS_B1:
         g += tl.load(b1_ptr + rows, mask=valid, other=0.0).to(tl.float32)[None, :]
+    u = tl.sum(acc2, axis=2)
     if ACTIVATION == "swiglu":
-        h = g * tl.sigmoid(g) * acc2
+        h = g * tl.sigmoid(g) * u
     elif ACTIVATION == "relu":
-        h = tl.maximum(g, 0.0) * acc2
+        h = tl.maximum(g, 0.0) * u
     elif ACTIVATION == "drelu":
-        h = tl.maximum(g, 0.0) * tl.maximum(acc2, 0.0)
+        h = tl.maximum(g, 0.0) * tl.maximum(u, 0.0)
     else:  # "relu_fc"
         h = tl.maximum(g, 0.0)
     h = tl.where(valid[None, :], h, 0.0)
@@ -287,12 +301,14 @@ def _gather_gemv_kernel(
 #   ~10 ms of Python. Tests may change INTERPRETER_CONFIG to exercise other tilings.
 # * CUDA (H100 target): autotuned per (batch pad, d, k bucket, activation, dtypes). Candidates give
 #   every thread >= 8 weight elements per step (one 16-byte vector load of fp16; checked in the
-#   sm_90 PTX: ld.global.v4), keep the [BATCH_PAD, BLOCK_K, BLOCK_D] fp32 product <= 64 values per
-#   thread (no local-memory spills when compiled for sm_90), use BLOCK_D >= 128 so each gathered
-#   row is read in >= 256-byte segments, and include small BLOCK_K (2, 4) so that low densities
-#   (k ~ 550 at 5 % of 11008) still launch more programs than the H100's 132 SMs. The loads do
-#   not feed tl.dot, so Triton does not software-pipeline them: latency is hidden by occupancy
-#   (many small programs), which is why small tiles are in the list.
+#   sm_90 PTX: ld.global.v4), keep the fp32 accumulator tile [BATCH_PAD, BLOCK_K, BLOCK_D] at
+#   <= 32 values per thread (64 at batch 8, the least that still allows 16-byte loads), which
+#   compiles for sm_90 without local-memory spills, use BLOCK_D >= 128 so each gathered row is read
+#   in >= 256-byte segments, and include small BLOCK_K (2, 4) so that low densities (k ~ 550 at
+#   5 % of 11008) still launch more programs than the H100's 132 SMs. The loads do not feed
+#   tl.dot, so Triton does not software-pipeline them: latency is hidden by occupancy (many small
+#   programs), which is why small tiles are in the list. Not yet timed on an H100 (the session
+#   that wrote this had no GPU): benchmarks/kernels_gpu.py prints the configs the tuner picks.
 INTERPRETER_CONFIG = {"BLOCK_K": 32, "BLOCK_D": 64}
 
 
@@ -302,7 +318,7 @@ def _cuda_configs(batch_pad: int) -> list:
         for block_d in (128, 256, 512):
             for num_warps in (2, 4, 8):
                 w_per_thread = block_k * block_d // (32 * num_warps)
-                if w_per_thread >= 8 and batch_pad * w_per_thread <= 64:
+                if w_per_thread >= 8 and batch_pad * w_per_thread <= max(32, 8 * batch_pad):
                     configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_D": block_d},
                                                  num_warps=num_warps, num_stages=3))
     return configs
@@ -389,24 +405,27 @@ def gather_gemv_reference(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,
 # --------------------------------------------------------------------------------------------------
 # torch.library operator: torch.ops.offload.gather_gemv
 #
-# A custom_op with one kernel per device key (not triton_op): the dispatcher's device dispatch *is*
-# the backend choice of resolve_backend(), torch.compile treats the op as opaque (it calls the same
-# launcher as eager, so compiled and eager results match by construction), and the CPU kernel may
-# use Triton's interpreter, which triton_op's trace-the-body fake/decomposition cannot run.
+# Defined with torch.library.Library + one kernel per dispatch key + register_fake, rather than
+# triton_op or custom_op:
+# * the dispatcher's device dispatch *is* the backend rule of resolve_backend(): CUDA → Triton,
+#   CPU → reference (or the Triton interpreter when it is active);
+# * torch.compile treats the op as opaque (fake kernel for shapes) and calls the same kernels as
+#   eager, so compiled and eager results agree by construction, and the CPU kernel may run Triton's
+#   interpreter, which triton_op's trace-the-body fake/decomposition could not;
+# * dispatch costs ~8 µs per call here against ~55 µs for custom_op's Python wrapper (measured on
+#   this 2-core machine), which matters at decode when calls are not captured in a CUDA graph.
+# The price: Inductor does not inline the Triton kernel (it calls the op), and there is no autograd
+# formula (inference only; the argument checks refuse inputs that require grad).
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("offload::gather_gemv", mutates_args=())
-def _gather_gemv_op(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,
-                    w2: Optional[torch.Tensor] = None, b1: Optional[torch.Tensor] = None,
-                    activation: str = "swiglu") -> torch.Tensor:
-    raise NotImplementedError(f"offload::gather_gemv has no kernel for device {x.device}")
+_lib = torch.library.Library("offload", "FRAGMENT")
+_lib.define("gather_gemv(Tensor x, Tensor w1, Tensor idx, Tensor? w2=None, Tensor? b1=None, "
+            "str activation=\"swiglu\") -> Tensor")
 
 
-@_gather_gemv_op.register_kernel("cuda")
 def _gather_gemv_cuda(x, w1, idx, w2=None, b1=None, activation="swiglu"):
     return gather_gemv_triton(x, w1, idx, w2, b1, activation)
 
 
-@_gather_gemv_op.register_kernel("cpu")
 def _gather_gemv_cpu(x, w1, idx, w2=None, b1=None, activation="swiglu"):
     if resolve_backend(x.device) == "triton":
         return gather_gemv_triton(x, w1, idx, w2, b1, activation)
@@ -414,10 +433,14 @@ def _gather_gemv_cpu(x, w1, idx, w2=None, b1=None, activation="swiglu"):
     return gather_gemv_reference(x, w1, idx, w2, b1, activation)
 
 
-@_gather_gemv_op.register_fake
 def _gather_gemv_fake(x, w1, idx, w2=None, b1=None, activation="swiglu"):
     check_gather_gemv_args(x, w1, idx, w2, b1, activation)
     return x.new_empty((x.shape[0], idx.shape[0]), dtype=torch.float32)
+
+
+_lib.impl("gather_gemv", _gather_gemv_cuda, "CUDA")
+_lib.impl("gather_gemv", _gather_gemv_cpu, "CPU")
+torch.library.register_fake("offload::gather_gemv", _gather_gemv_fake, lib=_lib)
 
 
 def gather_gemv(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,

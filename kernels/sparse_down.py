@@ -16,10 +16,10 @@ ROWS_PER_SPLIT rows; program (j, s) sums chunk s for columns block j and writes 
 atomics (fp16 atomics in TEAL; fp32 would be needed for accuracy) the result does not depend on
 scheduling, so runs are bit-reproducible, which keeps hot+cold numerics testable and greedy
 decoding stable. The price is one extra launch and SPLIT·b·d·4 bytes of partials (≤ 64·8·4096·4 =
-8 MiB, usually < 1 MiB), which are written and at once re-read from the H100's 50 MB L2, while the
-weights read are k·d·2 bytes (e.g. 9 MB at k = 1100, d = 4096, fp16). Atomics would need a zeroed
-output (a memset launch) as well, so they would save no launch. When SPLIT == 1 (k ≤ 64) the
-partial *is* the output and the second kernel is skipped.
+8 MiB; 1 MiB at batch 1), written and at once re-read, so they should stay in the H100's 50 MB
+L2 (not yet measured), while the weights read are k·d·2 bytes (9 MB at k = 1100, d = 4096,
+fp16). Atomics would need a zeroed output (a memset launch) as well, so they would save no
+launch. When SPLIT == 1 (k ≤ 64) the partial *is* the output and the second kernel is skipped.
 
 Three ways to compute it, as for gather_gemv (see ``resolve_backend``): ``sparse_down_triton``,
 ``sparse_down_reference`` and the operator ``torch.ops.offload.sparse_down`` (``backend="auto"``).
@@ -40,6 +40,7 @@ from .gather_gemv import (
     _check_float,
     _check_idx,
     _check_last_dim_contiguous,
+    _check_no_grad,
     _check_same_device,
     _check_tensor,
     _device_guard,
@@ -47,7 +48,8 @@ from .gather_gemv import (
     _use_fixed_config,
     autotune_bench,
     check_gather_gemv_args,
-    gather_gemv,
+    gather_gemv_reference,
+    gather_gemv_triton,
     resolve_backend,
 )
 
@@ -60,6 +62,13 @@ __all__ = [
 ]
 
 
+def _check_w3t(w3t, device: torch.device) -> None:
+    _check_tensor("w3t", w3t, 2)
+    _check_float("w3t", w3t)
+    _check_last_dim_contiguous("w3t", w3t)
+    _check_same_device("w3t", w3t, device)
+
+
 def check_sparse_down_args(h, w3t, idx) -> None:
     """Raise ValueError/TypeError, naming the argument, unless the inputs are supported."""
     _check_tensor("h", h, 2)
@@ -67,14 +76,12 @@ def check_sparse_down_args(h, w3t, idx) -> None:
     _check_last_dim_contiguous("h", h)
     _check_same_device("h", h, h.device)
     _check_batch("h", h.shape[0])
-    _check_tensor("w3t", w3t, 2)
-    _check_float("w3t", w3t)
-    _check_last_dim_contiguous("w3t", w3t)
-    _check_same_device("w3t", w3t, h.device)
+    _check_w3t(w3t, h.device)
     _check_idx(idx, h.device)
     if h.shape[1] != idx.shape[0]:
         raise ValueError(f"h must have one column per index: shape [b, k={idx.shape[0]}], "
                          f"got {tuple(h.shape)}")
+    _check_no_grad("sparse_down", h=h, w3t=w3t)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,7 +103,8 @@ def _sparse_down_kernel(
     out [SPLIT, B, D] fp32 (strides stride_os, stride_ob, 1). Grid: (cdiv(D, BLOCK_D), SPLIT);
     program (j, s) covers columns [j*BLOCK_D, (j+1)*BLOCK_D) and rows idx[s*ROWS_PER_SPLIT :
     (s+1)*ROWS_PER_SPLIT]. Each step loads a [BLOCK_K, BLOCK_D] tile (BLOCK_K gathered rows, each a
-    contiguous segment) and h[:, BLOCK_K] and accumulates [BATCH_PAD, BLOCK_D] in fp32.
+    contiguous segment) and h[:, BLOCK_K], and accumulates h * w elementwise in fp32 into
+    [BATCH_PAD, BLOCK_K, BLOCK_D]; the sum over the rows runs once after the loop.
     Slots with idx outside [0, N) read nothing.
     """
     pid_d = tl.program_id(0)
@@ -108,7 +116,9 @@ def _sparse_down_kernel(
 
     k_start = pid_s * ROWS_PER_SPLIT
     k_end = tl.minimum(k_start + ROWS_PER_SPLIT, K)
-    acc = tl.zeros([BATCH_PAD, BLOCK_D], dtype=tl.float32)
+    # Elementwise accumulator, reduced over the BLOCK_K rows once after the loop (no cross-thread
+    # reduction inside the loop).
+    acc = tl.zeros([BATCH_PAD, BLOCK_K, BLOCK_D], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < k_end
@@ -119,8 +129,9 @@ def _sparse_down_kernel(
                     mask=valid[:, None] & in_d[None, :], other=0.0).to(tl.float32)
         hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :],
                      mask=in_b[:, None] & valid[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(hv[:, :, None] * w[None, :, :], axis=1)
-    tl.store(out_ptr + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_d[None, :], acc,
+        acc += hv[:, :, None] * w[None, :, :]
+    tl.store(out_ptr + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_d[None, :],
+             tl.sum(acc, axis=1),
              mask=in_b[:, None] & in_d[None, :])
 
 
@@ -157,14 +168,14 @@ def split_plan(k: int) -> tuple[int, int]:
 
 def _cuda_configs(batch_pad: int) -> list:
     # As for gather_gemv: >= 8 weight elements per thread per step (16-byte vector loads), the
-    # [BATCH_PAD, BLOCK_K, BLOCK_D] fp32 product <= 64 values per thread, and BLOCK_D >= 64
-    # (128-byte fp16 segments per gathered row, one cache line).
+    # [BATCH_PAD, BLOCK_K, BLOCK_D] fp32 accumulator <= 32 values per thread (64 at batch 8), and
+    # BLOCK_D >= 64 (128-byte fp16 segments per gathered row, one cache line).
     configs = []
     for block_d in (64, 128, 256):
         for block_k in (8, 16, 32, 64):
             for num_warps in (2, 4, 8):
                 w_per_thread = block_k * block_d // (32 * num_warps)
-                if w_per_thread >= 8 and batch_pad * w_per_thread <= 64:
+                if w_per_thread >= 8 and batch_pad * w_per_thread <= max(32, 8 * batch_pad):
                     configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_D": block_d},
                                                  num_warps=num_warps, num_stages=3))
     return configs
@@ -224,19 +235,17 @@ def sparse_down_reference(h: torch.Tensor, w3t: torch.Tensor, idx: torch.Tensor)
 
 
 # --------------------------------------------------------------------------------------------------
-# torch.library operator: torch.ops.offload.sparse_down (same structure as offload::gather_gemv)
+# torch.library operator: torch.ops.offload.sparse_down (registered like offload::gather_gemv; see
+# the note there)
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("offload::sparse_down", mutates_args=())
-def _sparse_down_op(h: torch.Tensor, w3t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    raise NotImplementedError(f"offload::sparse_down has no kernel for device {h.device}")
+_lib = torch.library.Library("offload", "FRAGMENT")
+_lib.define("sparse_down(Tensor h, Tensor w3t, Tensor idx) -> Tensor")
 
 
-@_sparse_down_op.register_kernel("cuda")
 def _sparse_down_cuda(h, w3t, idx):
     return sparse_down_triton(h, w3t, idx)
 
 
-@_sparse_down_op.register_kernel("cpu")
 def _sparse_down_cpu(h, w3t, idx):
     if resolve_backend(h.device) == "triton":
         return sparse_down_triton(h, w3t, idx)
@@ -244,10 +253,14 @@ def _sparse_down_cpu(h, w3t, idx):
     return sparse_down_reference(h, w3t, idx)
 
 
-@_sparse_down_op.register_fake
 def _sparse_down_fake(h, w3t, idx):
     check_sparse_down_args(h, w3t, idx)
     return h.new_empty((h.shape[0], w3t.shape[1]), dtype=torch.float32)
+
+
+_lib.impl("sparse_down", _sparse_down_cuda, "CUDA")
+_lib.impl("sparse_down", _sparse_down_cpu, "CPU")
+torch.library.register_fake("offload::sparse_down", _sparse_down_fake, lib=_lib)
 
 
 def sparse_down(h: torch.Tensor, w3t: torch.Tensor, idx: torch.Tensor, *,
@@ -283,10 +296,16 @@ def ffn_hot_forward(x: torch.Tensor, idx: torch.Tensor, *, w1: torch.Tensor, w3t
       "triton" → the Triton launchers (CPU tensors need the interpreter, else ValueError).
       "torch"  → the torch references, on any device.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_gather_gemv_args(x, w1, idx, w2, b1, activation)
-    _check_tensor("w3t", w3t, 2)
+    _check_w3t(w3t, x.device)
     if tuple(w3t.shape) != tuple(w1.shape):
         raise ValueError(f"w3t must be down_proj.weight.T.contiguous(), shape [n, d] = "
                          f"{tuple(w1.shape)} like w1, got {tuple(w3t.shape)}")
-    h = gather_gemv(x, w1, idx, w2, b1, activation, backend=backend)
-    return sparse_down(h, w3t, idx, backend=backend)
+    if backend == "auto":
+        h = torch.ops.offload.gather_gemv(x, w1, idx, w2, b1, activation)
+        return torch.ops.offload.sparse_down(h, w3t, idx)
+    if backend == "triton":
+        return sparse_down_triton(gather_gemv_triton(x, w1, idx, w2, b1, activation), w3t, idx)
+    return sparse_down_reference(gather_gemv_reference(x, w1, idx, w2, b1, activation), w3t, idx)
