@@ -140,7 +140,8 @@ def run(a) -> dict:
         row = {"density_pct": pct, "k": k, "dense_ms": dm * 1e3, "sparse_ms": sm * 1e3,
                "speedup": dm / sm, "ratio": (act_bytes / sm) / (all_bytes / dm),
                "dense_GBps": all_bytes / dm / 1e9, "sparse_GBps": act_bytes / sm / 1e9,
-               "sparse_ms_min": min(ts) * 1e3, "dense_ms_min": min(td) * 1e3}
+               "sparse_ms_min": min(ts) * 1e3, "dense_ms_min": min(td) * 1e3,
+               "ratio_best": (act_bytes / min(ts)) / (all_bytes / min(td))}
         if tn:
             nm = float(np.median(tn))
             row.update(naive_ms=nm * 1e3, naive_ratio=(act_bytes / nm) / (all_bytes / dm),
@@ -148,6 +149,26 @@ def run(a) -> dict:
         rows.append(row)
     return {"d": d, "n": n, "batch": b, "threads": a.threads, "reps": a.reps, "settle_s": a.settle,
             "act": "swiglu", "dtype": "float32", "rows": rows}
+
+
+def _openblas_corename():
+    """OpenBLAS's chosen kernel set (e.g. 'Haswell'), best effort; None when not found."""
+    import ctypes
+    import glob
+
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*openblas*"))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+                    "openblas_get_corename64_", "openblas_get_corename"):
+            f = getattr(lib, sym, None)
+            if f is not None:
+                f.restype = ctypes.c_char_p
+                return f().decode()
+    return None
 
 
 def env_info() -> dict:
@@ -166,7 +187,9 @@ def env_info() -> dict:
     except ImportError:
         nb = None
     return {"cpu": cpu, "cpus": os.cpu_count(), "numpy": np.__version__, "numba": nb,
+            "openblas_core": _openblas_corename(),
             "python": platform.python_version(),
+            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "env": {k: v for k, v in os.environ.items()
                     if k.startswith(("OPENBLAS", "OMP_", "MKL_", "NUMBA_"))}}
 
@@ -175,36 +198,69 @@ def _markdown(res: dict) -> str:
     naive = "naive_ms" in res["rows"][0]
     out = [f"fp32 d={res['d']} n={res['n']} SwiGLU, batch {res['batch']}, {res['threads']} threads, "
            f"median of {res['reps']} alternating reps, settle {res['settle_s']} s", ""]
-    hdr = "| density | k | dense ms | sparse ms | speedup | ratio | dense GB/s | sparse GB/s |"
-    sep = "|---|---|---|---|---|---|---|---|"
+    hdr = ("| density | k | dense ms | sparse ms | speedup | ratio | ratio (best of reps) "
+           "| dense GB/s | sparse GB/s |")
+    sep = "|---|---|---|---|---|---|---|---|---|"
     if naive:
         hdr += " naive ms | naive ratio | naive GB/s |"
         sep += "---|---|---|"
     out += [hdr, sep]
     for r in res["rows"]:
         s = (f"| {r['density_pct']:g} % | {r['k']} | {r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | "
-             f"{r['speedup']:.2f}x | {r['ratio']:.2f} | {r['dense_GBps']:.1f} | {r['sparse_GBps']:.1f} |")
+             f"{r['speedup']:.2f}x | {r['ratio']:.2f} | {r['ratio_best']:.2f} | {r['dense_GBps']:.1f} | "
+             f"{r['sparse_GBps']:.1f} |")
         if naive:
             s += f" {r['naive_ms']:.2f} | {r['naive_ratio']:.2f} | {r['naive_GBps']:.1f} |"
         out.append(s)
     out.append("")
+    if res.get("other_processes_cores") is not None:
+        out.append(f"other processes used {res['other_processes_cores']:.2f} of the "
+                   f"{os.cpu_count()} cores during these reps (0 = quiet machine)")
     out.append("naive = G[idx]@x, U[idx]@x, h@D.T[idx] (fancy-index gather + BLAS, down pre-transposed)")
     return "\n".join(out)
+
+
+def _busy_jiffies():
+    """System-wide busy CPU time in seconds (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class _OtherLoad:
+    """CPU used by *other* processes while a block runs, in cores (machine-noise indicator)."""
+
+    def __enter__(self):
+        self.w, self.b, self.p = time.perf_counter(), _busy_jiffies(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        b = _busy_jiffies()
+        dw = time.perf_counter() - self.w
+        self.cores = (None if b is None or self.b is None
+                      else max(0.0, (b - self.b) - (time.process_time() - self.p)) / dw)
 
 
 def main(a) -> int:
     t0 = time.perf_counter()
     res = {"env": env_info()}
     if not a.worker_only:
-        res["ffn"] = run(a)
+        with _OtherLoad() as ol:
+            res["ffn"] = run(a)
+        res["ffn"]["other_processes_cores"] = ol.cores
     res["worker_roundtrip"] = worker_latency()
     res["wall_s"] = time.perf_counter() - t0
     if a.json:
         print(json.dumps(res, indent=2))
         return 0
     e = res["env"]
-    print(f"CPU: {e['cpu']} ({e['cpus']} CPUs), numpy {e['numpy']}, numba {e['numba']}, "
-          f"python {e['python']}, env {e['env']}")
+    print(f"CPU: {e['cpu']} ({e['cpus']} CPUs), numpy {e['numpy']} (OpenBLAS core "
+          f"{e['openblas_core']}), numba {e['numba']}, python {e['python']}, env {e['env']}")
+    print(f"load average at start: {e['loadavg']}")
     if "ffn" in res:
         print()
         print(_markdown(res["ffn"]))

@@ -12,9 +12,15 @@ The backend choice (backend="auto" | "triton" | "torch") is documented in ``reso
 The functions are not re-exported here under their own names, since ``gather_gemv`` and
 ``sparse_down`` would then shadow the submodules of the same names.
 """
-from . import gather_gemv, sparse_down  # noqa: F401  (registers the torch.library ops)
-from .gather_gemv import ACTIVATIONS, MAX_BATCH, interpreter_active, resolve_backend
-from .sparse_down import ffn_hot_forward
+if __name__ != "offload.kernels":
+    # Imported as a top-level ``kernels`` (the repository root on sys.path, e.g. `python -m pytest`
+    # or a script run from the root): transformers probes for Hugging Face's `kernels` package that
+    # way. Registering the torch ops a second time would fail, so this copy stays empty.
+    __all__: list[str] = []
+else:
+    from . import gather_gemv, sparse_down  # noqa: F401  (registers the torch.library ops)
+    from .gather_gemv import ACTIVATIONS, MAX_BATCH, interpreter_active, resolve_backend
+    from .sparse_down import ffn_hot_forward
 
-__all__ = ["ACTIVATIONS", "MAX_BATCH", "ffn_hot_forward", "gather_gemv", "interpreter_active",
-           "resolve_backend", "sparse_down"]
+    __all__ = ["ACTIVATIONS", "MAX_BATCH", "ffn_hot_forward", "gather_gemv", "interpreter_active",
+               "resolve_backend", "sparse_down"]

@@ -56,6 +56,25 @@ def load_tokenizer(ckpt: Checkpoint):
     return tok
 
 
+def _fast_selector(predictor, selector, device: torch.device):
+    """x [b, d] → sorted union over the batch of each token's selected neurons.
+
+    On the CPU an int4/int8 shadow predictor scores with offload.lowbit's kernels, which read the
+    packed bytes once (the torch reference dequantizes to fp32 and reads 8x more); other predictors
+    use their own mask."""
+    from offload.predict.shadow import ShadowPredictor
+
+    if device.type == "cpu" and isinstance(predictor, ShadowPredictor):
+        from offload.lowbit import shadow_from_predictor, topk_indices
+        from offload.sparse import topk_count
+
+        shadow = shadow_from_predictor(predictor)
+        k = topk_count(predictor.density, predictor.n)
+        predictor.clear_cache()  # drop the fp32 copy the reference scorer may have built
+        return lambda x: torch.from_numpy(topk_indices(shadow.scores(x.detach().float().numpy()), k))
+    return lambda x: selector.mask(x).any(0).nonzero().flatten()
+
+
 class OffloadedModel:
     """A loaded model with its tokenizer. Until the hybrid runtime is applied it runs dense.
 
@@ -70,23 +89,60 @@ class OffloadedModel:
         self.device, self.dtype = device, model.embed.dtype
         self.gpu_memory = gpu_memory
         self.last_stats = GenerationStats()
+        self.placement = None  # set by offload(): the Placement in use
+        self.hybrid_stats = None  # HybridStats of the hybrid layers, reset by each generate
+
+    def offload(self, budget: int, *, device: torch.device | None = None, hot_dtype: torch.dtype | None = None,
+                context: int = 4096, text=None, progress: bool = True, prepared=None) -> None:
+        """Profile → predict → place → run: build (or reuse from the cache) the profile, predictors and
+        operating point, solve the placement of hot neurons for ``budget`` bytes on ``device``, and
+        swap every FFN for a HybridFFN. With device='cpu' the hot side runs on CPU torch.
+        ``prepared``: artifacts from offload.evaluate.prepare / prepare_from_tokens (default: prepare)."""
+        from offload.evaluate import prepare
+        from offload.hybrid import apply_placement
+        from offload.place.report import plan_and_place
+
+        device = device or self.device
+        hot_dtype = hot_dtype or self.dtype
+        prepared = prepared or prepare(self, text, progress=progress)
+        preds = prepared.predictors
+        layers = len(self.model.layers)
+        _, placement, _ = plan_and_place(
+            self.checkpoint.config, budget=budget, frequencies=prepared.profile.frequencies,
+            context=min(context, self.max_context), dtype=str(hot_dtype).removeprefix("torch."),
+            predictor_bytes=preds.nbytes // layers, identity=self.checkpoint.identity,
+            device=device.type, shapes=self.checkpoint.shapes)
+        selectors = [_fast_selector(preds[i], preds.selector(i), device) for i in range(layers)]
+        self.hybrid_stats = apply_placement(self.model, placement.hot, selectors, device=device, hot_dtype=hot_dtype)
+        self.placement, self.device = placement, device
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, gpu_memory: int | str | None = None,
                         local_files_only: bool = False, revision: str | None = None,
-                        progress: bool = True) -> "OffloadedModel":
+                        context: int = 4096, progress: bool = True) -> "OffloadedModel":
         """Load ``model`` (hub repo id, local HF directory, ``.gguf`` file, or None for the embedded
-        SmolLM2-135M-Instruct). ``gpu_memory`` takes bytes or accelerate-style strings ("8GiB", "8GB").
-        Hub access honours ``HF_HUB_OFFLINE`` and ``local_files_only``."""
+        SmolLM2-135M-Instruct). Hub access honours ``HF_HUB_OFFLINE`` and ``local_files_only``.
+
+        Without ``gpu_memory`` the model runs dense on ``device``. With it (bytes or accelerate-style
+        strings, "8GiB" = 8·2^30, "8GB" = 8·10^9) the hybrid runtime is applied: the profile and
+        predictors are reused from the cache or built (progress bars), the placement is solved for the
+        budget with a KV cache of ``context`` tokens, and every FFN is split into hot rows on
+        ``device`` and cold rows on the CPU (see :meth:`offload`)."""
         budget = parse_memory_size(gpu_memory) if gpu_memory is not None else None
         device = torch.device(device if device is not None else "cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA GPU; use device='cpu'")
         dtype = _resolve_dtype(dtype, device)
         ckpt = open_checkpoint(model, revision=revision, local_files_only=local_files_only)
-        net = build_model(ckpt, dtype=dtype, device=device, progress=progress)
-        return cls(net, load_tokenizer(ckpt), ckpt, device=device, gpu_memory=budget)
+        if budget is None:  # dense: the whole model on the device
+            net = build_model(ckpt, dtype=dtype, device=device, progress=progress)
+            return cls(net, load_tokenizer(ckpt), ckpt, device=device)
+        # Hybrid: load dense on the CPU in fp32, then split every FFN between the device and the CPU.
+        net = build_model(ckpt, dtype=torch.float32, device="cpu", progress=progress)
+        m = cls(net, load_tokenizer(ckpt), ckpt, device=torch.device("cpu"), gpu_memory=budget)
+        m.offload(budget, device=device, hot_dtype=dtype, context=context, progress=progress)
+        return m
 
     @property
     def max_context(self) -> int:
@@ -123,6 +179,8 @@ class OffloadedModel:
                              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                              eos_token_id=_as_tuple(eos_token_id, int), stop_strings=_as_tuple(stop_strings, str),
                              pad_token_id=pad_token_id, seed=seed)
+        if self.hybrid_stats is not None:
+            self.hybrid_stats.reset()
         ids, self.last_stats = generate(self.model, input_ids, cfg, max_context=self.max_context,
                                         streamer=streamer, tokenizer=self.tokenizer)
         return ids

@@ -2,6 +2,8 @@
 
     offload generate [MODEL] --prompt TEXT [--chat] [--max-new-tokens N] [--seed S]
     offload report [MODEL] --gpu-memory 8GiB [--context 4096] [--json] [--plot FILE.png]
+    offload prepare [MODEL] [--text FILE] [--rebuild]
+    offload eval [MODEL] [--text FILE] [--density D] [--json]
 """
 from __future__ import annotations
 
@@ -41,6 +43,13 @@ def cmd_generate(args) -> int:
     s = m.last_stats
     print(f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_second:.1f} tok/s | "
           f"decode: {s.new_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s", file=sys.stderr)
+    h = m.hybrid_stats
+    steps = max(s.new_tokens - 1, 1)
+    if h is not None and h.decode_calls:
+        print(f"hybrid: GPU share of active neurons {h.gpu_share:.1%} | FFN bytes/token: device "
+              f"{h.bytes_hot / steps / 2**20:.2f} MiB, CPU {h.bytes_cold / steps / 2**20:.2f} MiB | "
+              f"CPU time/token {1e3 * h.cold_seconds / steps:.2f} ms, of which waited "
+              f"{1e3 * h.cold_wait_seconds / steps:.2f} ms", file=sys.stderr)
     return 0
 
 
@@ -66,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="placement under a GPU budget: per-layer hot neurons, memory, roofline")
     add_report_arguments(r)
     r.set_defaults(func=run_report)
+
+    from offload.evaluate import add_eval_arguments, add_prepare_arguments, run_eval, run_prepare
+
+    p = sub.add_parser("prepare", help="profile + predictors + operating point (cached per model)")
+    add_prepare_arguments(p)
+    p.set_defaults(func=run_prepare)
+    e = sub.add_parser("eval", help="perplexity of dense / oracle-sparse / predicted-sparse, agreement, FFN bytes")
+    add_eval_arguments(e)
+    e.set_defaults(func=run_eval)
     return parser
 
 

@@ -12,7 +12,7 @@ Per decode step (≤ 8 tokens) and layer::
     hot part  → ffn_hot_forward(x, hot_local(idx))                       device, meanwhile
     y = hot + cold (+ down bias once)
 
-Prompt batches (> 8 tokens) take the dense paths on both sides (all neurons).
+Prompts (x [b, t > 1, d]) and batches over 8 tokens take the dense paths on both sides (all neurons).
 """
 from __future__ import annotations
 
@@ -150,8 +150,9 @@ class HybridFFN(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         x_np = x2.detach().to("cpu", torch.float32).numpy()
-        if x2.shape[0] > DECODE_MAX_TOKENS or self.select is None:
-            self.stats.prefill_calls += x2.shape[0] > DECODE_MAX_TOKENS
+        prefill = (x.dim() == 3 and shape[1] > 1) or x2.shape[0] > DECODE_MAX_TOKENS  # a prompt: x [b, t>1, d]
+        if prefill or self.select is None:
+            self.stats.prefill_calls += prefill
             fut = self.worker.submit(_Timed(self.cold.forward_dense, self.stats), x_np) if self.cold else None
             y = self._hot_dense(x2)
         else:

@@ -1,4 +1,6 @@
 """ColdFFN (CPU cold-neuron FFN) against the float64 dense-on-gathered-rows reference."""
+import os
+import signal
 import threading
 
 import numpy as np
@@ -21,6 +23,7 @@ def split_always(monkeypatch):
     """Split every sparse call over the helper threads, however small (the real threshold is
     hundreds of KiB, more than these test layers)."""
     monkeypatch.setattr(ffn_mod, "MIN_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(ffn_mod, "BLOCK_BYTES", 1)  # threads claim one neuron at a time
 
 
 def make_layer(act, n, d, seed=0, dtype=np.float32):
@@ -49,6 +52,7 @@ def check(cold, x, idx, layer, act):
 def test_matches_reference(act, backend, split, n, d, monkeypatch):
     if split:
         monkeypatch.setattr(ffn_mod, "MIN_BYTES_PER_THREAD", 1)
+        monkeypatch.setattr(ffn_mod, "BLOCK_BYTES", 1)  # threads claim one neuron at a time
     layer = make_layer(act, n, d, seed=n + d)
     gate, up, down, bias = layer
     cold = ColdFFN(gate, up, down, act=act, bias=bias, backend=backend, threads=2)
@@ -56,7 +60,7 @@ def test_matches_reference(act, backend, split, n, d, monkeypatch):
     subsets = [np.array([], np.int64), np.array([n // 2]), np.arange(n),
                np.sort(rng.choice(n, n // 3, replace=False)),
                rng.permutation(n)[: n // 2]]  # unsorted
-    for b in (None, 1, 3, 8):
+    for b in (None, 1, 3, 5, 8):
         x = rng.standard_normal(d if b is None else (b, d)).astype(np.float32)
         for idx in subsets:
             y = check(cold, x, idx, layer, act)
@@ -134,6 +138,7 @@ def test_input_conversion_and_views():
 def test_errors(backend, split, monkeypatch):
     if split:
         monkeypatch.setattr(ffn_mod, "MIN_BYTES_PER_THREAD", 1)
+        monkeypatch.setattr(ffn_mod, "BLOCK_BYTES", 1)  # threads claim one neuron at a time
     n, d = 20, 8
     gate, up, down, _ = make_layer("swiglu", n, d)
     cold = ColdFFN(gate, up, down, backend=backend, threads=2)
@@ -179,6 +184,26 @@ def test_team_propagates_helper_errors_and_stays_usable():
     assert names[1].startswith("offload-cold-")
 
 
+def test_team_does_not_wait_for_idle_helper():
+    team = ffn_mod._Team(2)
+    release = threading.Event()
+    ran = []
+
+    def job(j):
+        if j == 1:
+            release.wait(10)  # a helper that is slow to get going
+        ran.append(j)
+        return j
+
+    # the caller is told helper 1 cannot matter: run returns without it
+    assert team.run(job, [(0,), (1,)], idle=lambda j: True) == [0, None]
+    assert ran == [0]
+    release.set()
+    # the next run first joins the stale job, then runs normally
+    assert team.run(job, [(0,), (1,)]) == [0, 1]
+    assert sorted(ran) == [0, 0, 1, 1]
+
+
 @pytest.mark.skipif(not numba_available(), reason="numba not installed")
 def test_kernel_releases_gil_and_is_cached():
     from offload.cold import _numba
@@ -186,3 +211,30 @@ def test_kernel_releases_gil_and_is_cached():
     opts = _numba.cold_chunk.targetoptions
     assert opts.get("nogil") and not opts.get("parallel")
     assert _numba.cold_chunk._cache is not None  # cache=True
+
+
+def test_from_bundled_shares_weights():
+    layer = make_layer("relu_fc", 60, 16, seed=10)
+    a = ColdFFN(layer[0], None, layer[2], act="relu_fc", bias=layer[3])
+    b = ColdFFN.from_bundled(a.W, act="relu_fc", bias=layer[3])
+    assert b.W is a.W
+    x = np.ones(16, np.float32)
+    np.testing.assert_array_equal(a.forward(x, [1, 4, 9]), b.forward(x, [1, 4, 9]))
+    with pytest.raises(ValueError):
+        ColdFFN.from_bundled(a.W, act="swiglu")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_split_forward_in_forked_child(split_always):
+    layer = make_layer("swiglu", 100, 32, seed=11)
+    cold = ColdFFN(*layer[:3], threads=2)
+    x = np.ones(32, np.float32)
+    y = cold.forward(x, np.arange(100))  # parent's helper threads exist now
+    pid = os.fork()
+    if pid == 0:  # child: must not wait on the parent's (absent) helpers
+        signal.alarm(20)
+        ok = np.allclose(cold.forward(x, np.arange(100)), y, rtol=1e-5, atol=1e-5)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
+        f"child exit status {os.waitstatus_to_exitcode(status)}")

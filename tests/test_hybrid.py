@@ -79,7 +79,7 @@ def sparse_reference(dense, selectors):
 
         def forward(self, x):
             x2 = x.reshape(-1, x.shape[-1])
-            if x2.shape[0] > 8:
+            if x.shape[1] > 1:  # prompts run dense
                 return self.mlp(x)
             mask = torch.zeros(self.mlp.n)
             mask[self.select(x2)] = 1

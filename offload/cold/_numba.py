@@ -1,7 +1,7 @@
 """Compiled gather-dot kernel for the cold FFN (numba, ``nogil``, one thread per call).
 
-One call computes a contiguous chunk ``idx[lo:hi]`` of the active cold neurons of one layer and
-accumulates their contribution into a per-thread partial output ``acc`` [b, d]:
+One call computes a chunk ``idx[lo:hi]`` of the active cold neurons of one layer and accumulates
+their contribution into a per-thread partial output ``acc`` [b, d]:
 
     for p in lo..hi-1:  i = idx[p]
         a_t   = act(W[i, 0] · x_t, W[i, 1] · x_t)        for every token t (b of them)
@@ -29,10 +29,29 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # activation codes; must match offload.cold.ffn.KINDS order
 SWIGLU, RELU, DRELU, RELU_FC = 0, 1, 2, 3
+# per-thread status words in ctl[2 + tid]
+NOT_STARTED, WORKING, FINISHED = 0, 1, 2
+
+
+@intrinsic
+def _fetch_add(typingctx, arr, i, v):
+    """Atomic (seq_cst) ``old = arr[i]; arr[i] += v; return old`` on an int64 array."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+    sig = types.int64(arr, types.intp, types.int64)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+
+    return sig, codegen
 
 
 @njit(nogil=True, fastmath=True, cache=True, inline="always")
@@ -54,9 +73,100 @@ def _dot2(a, c, b):
     return s, t
 
 
+@njit(nogil=True, fastmath=True, cache=True, inline="always")
+def _dot_x4(a, x, t):
+    """(a·x[t], a·x[t+1], a·x[t+2], a·x[t+3]): one pass over a for four tokens."""
+    x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for j in range(a.shape[0]):
+        v = a[j]
+        s0 += v * x0[j]
+        s1 += v * x1[j]
+        s2 += v * x2[j]
+        s3 += v * x3[j]
+    return s0, s1, s2, s3
+
+
+@njit(nogil=True, fastmath=True, cache=True, inline="always")
+def _dot2_x4(a, c, x, t):
+    """a·x[t..t+3] and c·x[t..t+3] in one pass (x loads shared by both rows)."""
+    x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
+    s0 = s1 = s2 = s3 = r0 = r1 = r2 = r3 = np.float32(0.0)
+    for j in range(a.shape[0]):
+        v = a[j]
+        w = c[j]
+        y = x0[j]
+        s0 += v * y
+        r0 += w * y
+        y = x1[j]
+        s1 += v * y
+        r1 += w * y
+        y = x2[j]
+        s2 += v * y
+        r2 += w * y
+        y = x3[j]
+        s3 += v * y
+        r3 += w * y
+    return s0, s1, s2, s3, r0, r1, r2, r3
+
+
+@njit(nogil=True, fastmath=True, cache=True, inline="always")
+def _dot2_rows(a, c, x, out_a, out_c):
+    """out_a[t] = a·x[t], out_c[t] = c·x[t] for every token in one pass over a and c per 4."""
+    b = x.shape[0]
+    t = 0
+    while t + 4 <= b:
+        (out_a[t], out_a[t + 1], out_a[t + 2], out_a[t + 3],
+         out_c[t], out_c[t + 1], out_c[t + 2], out_c[t + 3]) = _dot2_x4(a, c, x, t)
+        t += 4
+    while t < b:
+        out_a[t], out_c[t] = _dot2(a, c, x[t])
+        t += 1
+
+
+@njit(nogil=True, fastmath=True, cache=True, inline="always")
+def _dot_rows(a, x, out):
+    """out[t] = a·x[t] for every token, four tokens per pass over a."""
+    b = x.shape[0]
+    t = 0
+    while t + 4 <= b:
+        out[t], out[t + 1], out[t + 2], out[t + 3] = _dot_x4(a, x, t)
+        t += 4
+    while t < b:
+        out[t] = _dot(a, x[t])
+        t += 1
+
+
+@njit(nogil=True, fastmath=True, cache=True, inline="always")
+def _axpy4(acc, d0, d1, d2, d3, h0, h1, h2, h3):
+    """acc += h0*d0 + h1*d1 + h2*d2 + h3*d3: one load/store of acc for four neurons."""
+    for j in range(acc.shape[0]):
+        acc[j] += h0 * d0[j] + h1 * d1[j] + h2 * d2[j] + h3 * d3[j]
+
+
+@njit(nogil=True, fastmath=True, cache=True, inline="always")
+def _flush(W, pend, npend, h, acc):
+    """Add the down columns of the ``npend`` pending neurons ``pend``, weighted by ``h``."""
+    b = acc.shape[0]
+    dc = W.shape[1] - 1
+    if npend == 4:
+        d0, d1, d2, d3 = W[pend[0], dc], W[pend[1], dc], W[pend[2], dc], W[pend[3], dc]
+        for t in range(b):
+            _axpy4(acc[t], d0, d1, d2, d3, h[0, t], h[1, t], h[2, t], h[3, t])
+    else:
+        for q in range(npend):
+            dr = W[pend[q], dc]
+            for t in range(b):
+                ht = h[q, t]
+                if ht != 0:
+                    a_t = acc[t]
+                    for j in range(dr.shape[0]):
+                        a_t[j] += ht * dr[j]
+
+
 @njit(nogil=True, fastmath=True, cache=True)
 def cold_chunk(W, x, idx, lo, hi, kind, bias, acc, h):
-    """Accumulate neurons ``idx[lo:hi]`` into ``acc``.
+    """Accumulate neurons ``idx[lo:hi]`` into ``acc`` (one thread, a fixed range).
 
     W    float32 [n, m, d]  bundled rows (C-contiguous)
     x    float32 [b, d]     layer input, one row per token
@@ -64,63 +174,100 @@ def cold_chunk(W, x, idx, lo, hi, kind, bias, acc, h):
     kind int                SWIGLU / RELU / DRELU / RELU_FC
     bias float32 [n]        fc1 bias for RELU_FC (any float32 [>=0] array otherwise)
     acc  float32 [b, d]     partial output, accumulated into (caller zeroes it)
-    h    float32 [b]        scratch
+    h    float32 [5, b]     scratch: activations of up to 4 pending neurons + one row of dots
 
+    Neurons whose activation is non-zero for some token are queued, four at a time, and their
+    down columns are added together (:func:`_axpy4`), so ``acc`` is read and written once per
+    four neurons; dot products run four tokens per pass over a row (:func:`_dot_x4`; SwiGLU
+    reads gate and up rows in the same pass, :func:`_dot2_x4`), which cuts L1/L2 loads per FMA
+    from 1.5 to 0.75 and made b = 8 ~2x faster.
     Returns the number of out-of-range entries of ``idx[lo:hi]`` (skipped; the caller raises).
     """
     b = x.shape[0]
     n = W.shape[0]
-    m = W.shape[1]
     zero = np.float32(0.0)
     one = np.float32(1.0)
     bad = 0
+    pend = np.empty(4, np.int64)
+    npend = 0
+    u = h[4]  # one row of dot products
     for p in range(lo, hi):
         i = idx[p]
         if i < 0 or i >= n:
             bad += 1
             continue
-        g_row = W[i, 0]
+        hq = h[npend]
         live = False
         if kind == SWIGLU:
-            u_row = W[i, 1]
+            _dot2_rows(W[i, 0], W[i, 1], x, hq, u)  # gate and up in one pass
             for t in range(b):
-                g, u = _dot2(g_row, u_row, x[t])
-                h[t] = g / (one + math.exp(-g)) * u
+                g = hq[t]
+                hq[t] = g / (one + math.exp(-g)) * u[t]
             live = True
         elif kind == RELU_FC:
+            _dot_rows(W[i, 0], x, hq)  # fc1
             bi = bias[i]
             for t in range(b):
-                a = _dot(g_row, x[t]) + bi
-                if a > zero:
-                    h[t] = a
-                    live = True
-                else:
-                    h[t] = zero
-        else:  # RELU: relu(g) * u ; DRELU: relu(g) * relu(u)
+                a = hq[t] + bi
+                hq[t] = a if a > zero else zero
+                live = live or a > zero
+        else:  # RELU: relu(g) * u ; DRELU: relu(g) * relu(u); up row read only if some g > 0
+            _dot_rows(W[i, 0], x, hq)
             for t in range(b):
-                g = _dot(g_row, x[t])
-                if g > zero:
-                    h[t] = g
+                if hq[t] > zero:
                     live = True
                 else:
-                    h[t] = zero
+                    hq[t] = zero
             if live:
+                _dot_rows(W[i, 1], x, u)
                 live = False
-                u_row = W[i, 1]
                 for t in range(b):
-                    if h[t] != zero:
-                        u = _dot(u_row, x[t])
-                        if kind == DRELU and u < zero:
-                            u = zero
-                        h[t] *= u
-                        if h[t] != zero:
-                            live = True
+                    ut = u[t]
+                    if kind == DRELU and ut < zero:
+                        ut = zero
+                    hq[t] *= ut
+                    live = live or hq[t] != zero
         if live:
-            d_row = W[i, m - 1]
-            for t in range(b):
-                ht = h[t]
-                if ht != zero:
-                    a_t = acc[t]
-                    for j in range(d_row.shape[0]):
-                        a_t[j] += ht * d_row[j]
+            pend[npend] = i
+            npend += 1
+            if npend == 4:
+                _flush(W, pend, npend, h, acc)
+                npend = 0
+    _flush(W, pend, npend, h, acc)
     return bad
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def cold_run(W, x, idx, ctl, tid, block, kind, bias, acc, h):
+    """One thread's share of a split call: claim blocks of ``block`` entries of ``idx`` from the
+    shared counter ``ctl[0]`` until none are left, accumulating into this thread's ``acc``.
+
+    ctl int64 [2 + threads]: ctl[0] next unclaimed position, ctl[2 + tid] this thread's status
+    (NOT_STARTED -> WORKING -> FINISHED). A thread marks itself WORKING *before* its first
+    claim, so once a thread has seen the counter run out, any thread it still sees NOT_STARTED
+    can claim nothing and will never touch its ``acc``: the caller need not wait for it.
+    Other arguments as :func:`cold_chunk`. Returns the number of out-of-range indices met.
+    """
+    k = idx.shape[0]
+    _fetch_add(ctl, 2 + tid, WORKING)
+    bad = 0
+    while True:
+        lo = _fetch_add(ctl, 0, block)
+        if lo >= k:
+            break
+        bad += cold_chunk(W, x, idx, lo, min(lo + block, k), kind, bias, acc, h)
+    _fetch_add(ctl, 2 + tid, FINISHED - WORKING)
+    return bad
+
+
+def warmup() -> None:
+    """Compile (or load from the cache) both kernels for the one signature they are used with,
+    so the first real call, on the critical path of a token, does not pay for it."""
+    W = np.zeros((4, 3, 8), np.float32)
+    x = np.zeros((1, 8), np.float32)
+    idx = np.arange(4, dtype=np.int64)
+    bias = np.zeros(0, np.float32)
+    acc = np.zeros((1, 8), np.float32)
+    h = np.zeros((5, 1), np.float32)
+    cold_chunk(W, x, idx, 0, 4, SWIGLU, bias, acc, h)
+    cold_run(W, x, idx, np.zeros(3, np.int64), 0, 1, SWIGLU, bias, acc, h)

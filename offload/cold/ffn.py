@@ -17,32 +17,51 @@ read of ``m·d·4`` bytes (48 KiB at d = 4096) and the whole sparse FFN is a sin
 active bytes. Dense prefill (:meth:`ColdFFN.forward_dense`) runs BLAS on strided views of the same
 array (no second copy of the weights).
 
-Sparse kernel: a fused gather-dot in numba (:mod:`offload.cold._numba`, ``nogil``), run on the
-calling thread plus ``threads-1`` helper threads that block on a lock between calls (no spinning),
-each on a contiguous slice of ``idx`` with its own partial output, summed at the end.
+Sparse kernel: a fused gather-dot in numba (:mod:`offload.cold._numba`, ``nogil``): per active
+neuron, gate and up dot products for all tokens in one pass over the two rows, the activation,
+then the down column added into a per-thread partial output (four live neurons at a time). Calls
+of at least ``2 * MIN_BYTES_PER_THREAD`` bytes run on the calling thread plus ``threads - 1``
+helper threads that sleep on a lock between calls (nothing spins: the GPU-driving thread keeps
+its core). Threads claim blocks of ``BLOCK_BYTES`` from an atomic counter, so a helper that is
+slow to wake (a busy machine) just does less, and the caller never waits for one that has not
+started. Consequence: split calls are not bitwise reproducible (the summation order depends on
+which thread took which block); they agree to ~1e-6 relative.
 
-What was tried (fp32, d=4096, n=11008, SwiGLU, 2 threads, same run as dense BLAS; ratio =
-effective bandwidth of the sparse call / bandwidth of dense ``gate@x, up@x, down@h`` (19-28 ms,
-20-30 GB/s here, noisy machine)):
+What was tried (fp32, d=4096, n=11008, SwiGLU, batch 1, 2 threads; ratio = effective bandwidth of
+the sparse call / bandwidth of dense ``down @ (silu(gate @ x) * (up @ x))`` in the same run, which
+took 19-22 ms = 25-28 GB/s on a quiet moment of this 2-vCPU EPYC VM):
 
-    | method                                         |  5 %  | 10 %  | 20 %  | 30 %  | 50 %  |
-    |------------------------------------------------|-------|-------|-------|-------|-------|
-    | naive G[idx]@x, U[idx]@x, D[:, idx]@h          | 0.04  | 0.04  | 0.05  | 0.04  | 0.04  |
-    | G[idx]@x, U[idx]@x, h@D.T[idx] (down transposed)| 0.31 | 0.24  | 0.24  | 0.13  | 0.13  |
-    | bundle B[idx] (one gather), 3 BLAS calls       | 0.24  | 0.12  | 0.14  | 0.14  | 0.14  |
-    | bundle, np.take blocks of 32 into buffer + BLAS| 0.17  | 0.18  | 0.20  | 0.20  | 0.19  |
-    | bundle, np.take blocks of 8                    | 0.15  | 0.16  | 0.16  | 0.17  | 0.16  |
-    | numba fused, 1 thread                          | 0.6-0.8 (14-18 GB/s: one core's limit)        |
-    | numba fused, prange (OpenMP layer), 2 threads  | 24-34 GB/s alone, but ~12 ms of busy-wait CPU |
-    |                                                | after every call                              |
-    | numba fused, own 2 threads (this module)       | 24-32 GB/s alone, 0.1 ms CPU after a call     |
+    | method                                          |  5 %  | 10 %  | 20 %  | 30 %  | 50 %  |
+    |-------------------------------------------------|-------|-------|-------|-------|-------|
+    | naive G[idx]@x, U[idx]@x, D[:, idx]@h (HF)      | 0.04  | 0.04  | 0.05  | 0.04  | 0.04  |
+    | same with down stored transposed, DT[idx]       | 0.31  | 0.24  | 0.24  | 0.13  | 0.13  |
+    | bundle B[idx] (one gather), then 3 BLAS calls   | 0.24  | 0.12  | 0.14  | 0.14  | 0.14  |
+    | bundle, np.take 32 rows into a buffer + BLAS    | 0.17  | 0.18  | 0.20  | 0.20  | 0.19  |
+    | bundle, np.take 8 rows into a buffer + BLAS     | 0.15  | 0.16  | 0.16  | 0.17  | 0.16  |
 
-The figures of the final kernel against dense, with the exact command, are in
-``benchmarks/cold_ffn.py``'s output (see its docstring). If numba is not installed the blocked
-NumPy path (``backend="numpy"``) is used; it is correct but ~5x slower.
+    numba fused gather-dot on the bundle, alone (no BLAS call in between):
+    | 1 thread                          | 14-19 GB/s; OpenBLAS gemv on 1 thread: 15-17 GB/s     |
+    | prange, OpenMP layer, 2 threads   | 26-33 GB/s, but each call leaves ~12 ms of busy-wait  |
+    |                                   | CPU behind (libgomp spin): rejected                   |
+    | own 2 threads (this module)       | 24-30 GB/s, 0.1 ms of CPU after a call                |
+
+So pure NumPy stays below 0.31 (every variant copies the rows before BLAS reads them again),
+and the compiled single pass reaches dense bandwidth. Measured against dense in one run:
+``python benchmarks/cold_ffn.py`` (the table there; ratio 0.8-1.2 at 5-50 % on this shared
+machine). Two interactions seen on 2 cores: OpenBLAS's idle workers busy-wait ~65 ms after each
+BLAS call (a sparse call right after a large matvec gets one core), and numba's OpenMP pool does
+the same for ~12 ms (hence no ``prange``).
+
+Batch: b = 8 at 10 % density on one thread took 15.6 ms with a dot product per token; running
+four tokens per pass and gate/up fused (loads per FMA 1.5 -> 0.75) brought it to 6.9 ms (b = 1:
+2.9 ms).
+
+If numba is not installed the blocked NumPy path (``backend="numpy"``) is used: correct, ~5x
+slower.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 from typing import Optional, Sequence
@@ -53,16 +72,28 @@ KINDS = ("swiglu", "relu", "drelu", "relu_fc")  # index = kernel code in _numba
 
 # the sparse call is split over threads only when each gets at least this many bytes of rows
 MIN_BYTES_PER_THREAD = 512 * 1024
+# split calls hand out work in blocks of about this many bytes of rows
+BLOCK_BYTES = 192 * 1024
+
+_numba = None  # offload.cold._numba, imported on first use (numba's import costs ~0.7 s)
+
+
+def _load_numba():
+    global _numba
+    if _numba is None:
+        from . import _numba as mod
+
+        mod.warmup()  # ~7 s the first time on this machine, ~1 s from numba's cache
+        _numba = mod
+    return _numba
+
 
 __all__ = ["KINDS", "ColdFFN", "reference_forward", "numba_available"]
 
 
 def numba_available() -> bool:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether numba is installed (without importing it)."""
+    return importlib.util.find_spec("numba") is not None
 
 
 def _default_threads() -> int:
@@ -106,7 +137,8 @@ def reference_forward(x, idx, gate, up, down, act: str = "swiglu", bias=None) ->
 
 
 class _Helper:
-    """One daemon thread that runs one job at a time; handoff through two plain locks."""
+    """One daemon thread that runs one job at a time; handoff through two plain locks (the
+    cheapest wake-up CPython has; nothing spins while idle)."""
 
     def __init__(self, name: str):
         self._go = threading.Lock()
@@ -116,6 +148,7 @@ class _Helper:
         self._job = None
         self._ret = None
         self._err: Optional[BaseException] = None
+        self._pending = False  # started and not joined yet
         threading.Thread(target=self._loop, name=name, daemon=True).start()
 
     def _loop(self):
@@ -127,16 +160,19 @@ class _Helper:
                 self._ret = fn(*args)
             except BaseException as e:  # handed to the caller in join()
                 self._err = e
+            del fn, args
             self._done.release()
 
     def start(self, fn, args):
+        if self._pending:  # a job the caller did not need to wait for; long finished, normally
+            self.join()
         self._job = (fn, args)
+        self._pending = True
         self._go.release()
 
     def join(self):
-        # Never leave a running job behind (its output buffer belongs to the caller, and the
-        # next start() would pair with this job's done signal). A KeyboardInterrupt arriving
-        # here is held until the helper finishes (one chunk: milliseconds), then re-raised.
+        # Never leave a running job behind unless told it cannot matter (see _Team.run). A
+        # KeyboardInterrupt arriving here is held until the helper finishes (milliseconds).
         interrupt = None
         while True:
             try:
@@ -144,6 +180,7 @@ class _Helper:
                 break
             except BaseException as e:
                 interrupt = e
+        self._pending = False
         err, self._err = self._err, None
         ret, self._ret = self._ret, None
         if interrupt is not None:
@@ -154,37 +191,61 @@ class _Helper:
 
 
 class _Team:
-    """Runs ``fn(*args_list[0])`` inline and ``fn(*args_list[j])`` on helper j-1, waits for all,
-    returns the list of results (re-raises the first exception)."""
+    """Fork-join: ``fn(*args_list[0])`` runs inline, ``fn(*args_list[j])`` on helper j-1.
+
+    ``run`` returns the list of results (re-raises the first exception). ``idle(j)``, checked
+    after the inline part, may say that helper j never started and can no longer affect the
+    result; such a helper is not waited for (it is joined before its next job instead), so a
+    helper that is slow to wake costs the caller nothing.
+    """
 
     def __init__(self, threads: int):
         self.threads = threads
         self._lock = threading.Lock()
         self._helpers = [_Helper(f"offload-cold-{j}") for j in range(1, threads)]
 
-    def run(self, fn, args_list: Sequence[tuple]):
+    def run(self, fn, args_list: Sequence[tuple], idle=None) -> list:
         if len(args_list) > self.threads:
             raise ValueError("more chunks than threads")
         with self._lock:
             used = self._helpers[: len(args_list) - 1]
             for h, args in zip(used, args_list[1:]):
                 h.start(fn, args)
+            ok = False
             try:
-                first = fn(*args_list[0])
+                rets = [fn(*args_list[0])]
+                ok = True
             finally:
-                rets, err = [], None
-                for h in used:  # join every helper, even after an error
+                err = None
+                for j, h in enumerate(used, 1):  # join every helper that may matter
+                    if ok and idle is not None and idle(j):
+                        rets.append(None)
+                        continue
                     try:
-                        rets.append(h.join())
+                        r = h.join()
                     except BaseException as e:
                         err = err or e
+                        r = None
+                    if ok:
+                        rets.append(r)
             if err is not None:
                 raise err
-            return [first] + rets
+            return rets
 
 
 _teams: dict[int, _Team] = {}
 _teams_lock = threading.Lock()
+
+
+def _forget_teams_after_fork():
+    # a forked child has none of the parent's helper threads: start fresh ones on demand
+    global _teams_lock
+    _teams.clear()
+    _teams_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_teams_after_fork)
 
 
 def _team(threads: int) -> _Team:
@@ -229,11 +290,6 @@ class ColdFFN:
         if act == "relu_fc":
             if up is not None:
                 raise ValueError("relu_fc takes fc1 as gate, fc2 as down and up=None")
-            if bias is None:
-                raise ValueError("relu_fc needs bias (the fc1 bias b1, shape [n])")
-            bias = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
-            if bias.shape != (n,):
-                raise ValueError(f"bias must be [n] = ({n},), got {bias.shape}")
             m = 2
         else:
             if up is None:
@@ -241,17 +297,32 @@ class ColdFFN:
             up = np.asarray(up)
             if up.shape != (n, d):
                 raise ValueError(f"up must be [n, d] = {(n, d)}, got {up.shape}")
-            if bias is not None:
-                raise ValueError(f"bias is only for relu_fc, not {act}")
             m = 3
+        W = np.empty((n, m, d), dtype=np.float32)
+        W[:, 0] = gate
+        if m == 3:
+            W[:, 1] = up
+        W[:, m - 1] = down.T
+        self._setup(W, act, bias, threads, backend)
+
+    def _setup(self, W, act, bias, threads, backend):
+        if act not in KINDS:
+            raise ValueError(f"unknown activation {act!r}; expected one of {KINDS}")
+        n, m, d = W.shape
+        if act == "relu_fc":
+            if bias is None:
+                raise ValueError("relu_fc needs bias (the fc1 bias b1, shape [n])")
+            bias = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
+            if bias.shape != (n,):
+                raise ValueError(f"bias must be [n] = ({n},), got {bias.shape}")
+        elif bias is not None:
+            raise ValueError(f"bias is only for relu_fc, not {act}")
         if backend == "auto":
             backend = "numba" if numba_available() else "numpy"
         if backend not in ("numba", "numpy"):
             raise ValueError(f"backend must be 'auto', 'numba' or 'numpy', got {backend!r}")
         if backend == "numba":
-            from . import _numba  # import (and load the cached kernel) only when used
-
-            self._kernel = _numba.cold_chunk
+            _load_numba()
         self.backend = backend
         self.act = act
         self._code = KINDS.index(act)
@@ -259,14 +330,21 @@ class ColdFFN:
         self.threads = int(threads) if threads else _default_threads()
         if self.threads < 1:
             raise ValueError("threads must be >= 1")
-
-        W = np.empty((n, m, d), dtype=np.float32)
-        W[:, 0] = gate
-        if m == 3:
-            W[:, 1] = up
-        W[:, m - 1] = down.T
         self.W = W
         self.bias = bias if bias is not None else np.zeros(0, np.float32)
+
+    @classmethod
+    def from_bundled(cls, W, *, act: str = "swiglu", bias=None, threads: Optional[int] = None,
+                     backend: str = "auto") -> "ColdFFN":
+        """Wrap an already bundled ``W[n, m, d]`` (``self.W`` of another instance, or loaded
+        from a file); no copy when it is float32 and C-contiguous."""
+        W = np.ascontiguousarray(W, dtype=np.float32)
+        m = 2 if act == "relu_fc" else 3
+        if W.ndim != 3 or W.shape[1] != m:
+            raise ValueError(f"bundled weights for {act} must be [n, {m}, d], got {W.shape}")
+        self = cls.__new__(cls)
+        self._setup(W, act, bias, threads, backend)
+        return self
 
     # views in HF shapes (no copies)
     @property
@@ -332,23 +410,30 @@ class ColdFFN:
     def _forward_numba(self, x2, idx):
         k = idx.shape[0]
         b, d = x2.shape
-        # split only when each thread gets enough bytes to pay for the fork-join (~20-50 µs)
-        nt = max(1, min(self.threads, k * self.bytes_per_neuron // MIN_BYTES_PER_THREAD))
+        nbytes = k * self.bytes_per_neuron
+        nt = max(1, min(self.threads, nbytes // MIN_BYTES_PER_THREAD))
         parts = np.zeros((nt, b, d), np.float32)
-        scratch = np.empty((nt, b), np.float32)
-        kern, W, bias, code = self._kernel, self.W, self.bias, self._code
+        scratch = np.empty((nt, 5, b), np.float32)
+        W, bias, code = self.W, self.bias, self._code
         if nt == 1:
-            bad = kern(W, x2, idx, 0, k, code, bias, parts[0], scratch[0])
-        else:
-            bounds = [k * j // nt for j in range(nt + 1)]
-            bad = sum(_team(nt).run(kern, [
-                (W, x2, idx, bounds[j], bounds[j + 1], code, bias, parts[j], scratch[j])
-                for j in range(nt)]))
+            bad = _numba.cold_chunk(W, x2, idx, 0, k, code, bias, parts[0], scratch[0])
+            if bad:
+                raise IndexError(f"{bad} neuron indices out of range [0, {self.n})")
+            return parts[0]
+        # dynamic split: threads claim blocks of ~BLOCK_BYTES from a shared atomic counter
+        block = max(1, BLOCK_BYTES // self.bytes_per_neuron)
+        ctl = np.zeros(2 + nt, np.int64)
+        rets = _team(nt).run(
+            _numba.cold_run,
+            [(W, x2, idx, ctl, j, block, code, bias, parts[j], scratch[j]) for j in range(nt)],
+            idle=lambda j: ctl[2 + j] == _numba.NOT_STARTED)
+        bad = sum(r for r in rets if r)
         if bad:
             raise IndexError(f"{bad} neuron indices out of range [0, {self.n})")
         out = parts[0]
         for j in range(1, nt):
-            out += parts[j]
+            if rets[j] is not None:  # helpers that never started left their part at zero
+                out += parts[j]
         return out
 
     def _forward_numpy(self, x2, idx, block: int = 32):

@@ -3,7 +3,7 @@
     worker = ColdWorker()
     fut = worker.submit(cold.forward, x_cpu, idx)     # starts on the worker thread
     y_hot = hybrid_hot_part(x_gpu)                    # GPU work, overlapped
-    y = y_hot + torch.from_numpy(fut.result())        # waits; re-raises the worker's exception
+    y = y_hot + torch.from_numpy(fut.result()).to(y_hot.device)  # waits; re-raises its error
     worker.close()                                    # idempotent; also a context manager
 
 Design for a round trip that is on the critical path 30+ times per token: a ``queue.SimpleQueue``
@@ -14,10 +14,11 @@ on the main thread interrupts the wait at once; the slices cover a signal taken 
 thread). An interrupted wait leaves the job running; its result is simply dropped, and the worker
 stays usable.
 
-Measured here (2 vCPUs, CPython 3.11, no-op job, median of ``submit(...).result()``, see
-``python benchmarks/cold_ffn.py --worker``): this class 40-70 µs, ``ThreadPoolExecutor
-(max_workers=1)`` 70-110 µs, a direct call 0.3 µs. On 2 cores most of it is the two thread wake-ups
-(futex + scheduler), not Python.
+Measured here (2 vCPUs, CPython 3.11, no-op job, ``submit(...).result()`` 3000 times, ``python
+benchmarks/cold_ffn.py --worker-only``; the machine was shared with other jobs throughout):
+this class median 24-39 µs (min 12-17 µs), ``ThreadPoolExecutor(max_workers=1)`` median 33-64 µs
+(min 20-30 µs), a direct call 0.2-0.4 µs. Most of it is the two thread wake-ups (futex +
+scheduler) and GIL handoffs, not Python: at 30 layers per token that is ~1 ms per token.
 """
 from __future__ import annotations
 
@@ -111,6 +112,8 @@ class ColdWorker:
         """Queue ``fn(*args, **kwargs)`` on the worker thread; returns at once."""
         if self._closed:
             raise RuntimeError("ColdWorker is closed")
+        if not self._thread.is_alive():
+            raise RuntimeError("ColdWorker's thread is not running (a forked child? make a new one)")
         fut = ColdFuture()
         self._q.put((fut, fn, args, kwargs))
         return fut

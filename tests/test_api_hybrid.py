@@ -1,0 +1,46 @@
+"""OffloadedModel.offload: prepared artifacts → placement under the budget → hybrid FFNs → generate."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload import OffloadedModel
+from offload.checkpoint import open_checkpoint
+from offload.errors import BudgetError
+from offload.evaluate import prepare_from_tokens
+from offload.loading import build_model
+
+
+def rand_ids(n, seed):
+    return torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tiny_checkpoint):
+    ckpt = open_checkpoint(tiny_checkpoint("llama"))
+    net = build_model(ckpt, progress=False)
+    prep = prepare_from_tokens(net, rand_ids(1024, 4), rand_ids(512, 5), identity=ckpt.identity, window=64,
+                               tune_tokens=128, profile_tokens=256, report_tokens=64, progress=False)
+    return ckpt, prep
+
+
+def test_offload_places_within_budget_and_generates(tiny_prepared):
+    ckpt, prep = tiny_prepared
+    m = OffloadedModel(build_model(ckpt, progress=False), None, ckpt, device=torch.device("cpu"))
+    # The non-FFN part needs ~200 KB (context 64); 260 KB leaves room for ~40 % of the FFN rows.
+    m.offload(260_000, device=torch.device("cpu"), context=64, prepared=prep, progress=False)
+    p = m.placement
+    assert p.total_bytes <= 260_000 and 0 < p.share < 1
+    ids = rand_ids(6, 9)[None]
+    out = m.generate(ids, max_new_tokens=5, eos_token_id=[])
+    assert out.shape == (1, 11)
+    s = m.hybrid_stats
+    assert s.decode_calls == 4 * 2 and s.prefill_calls == 2 and s.active_hot > 0 and s.active_cold > 0 and 0 < s.gpu_share < 1
+    m.model.hybrid_worker.close()
+
+
+def test_offload_budget_below_fixed_part_is_refused(tiny_prepared):
+    ckpt, prep = tiny_prepared
+    m = OffloadedModel(build_model(ckpt, progress=False), None, ckpt, device=torch.device("cpu"))
+    with pytest.raises(BudgetError, match="too small"):
+        m.offload(10_000, device=torch.device("cpu"), context=64, prepared=prep, progress=False)
