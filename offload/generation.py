@@ -8,9 +8,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import contextlib
+
 import torch
 
 from offload.errors import GenerationError
+from offload.models.common import cpu_decode_mode
 
 
 @dataclass
@@ -159,6 +162,19 @@ def generate(model, input_ids: torch.Tensor, cfg: SamplingConfig, *, max_context
     logits = model(ids.to(device), cache, 0, last_only=True)[:, -1]
     t_decode = time.perf_counter()
     stats.prefill_seconds = t_decode - t0
+    with cpu_decode_mode() if device.type == "cpu" else contextlib.nullcontext():
+        ids = _decode_loop(model, ids, logits, cache, cfg, generator, streamer, tokenizer, finished, eos, pad,
+                           prompt_len, device, stats, texts)
+    stats.decode_seconds = time.perf_counter() - t_decode
+    if streamer is not None:
+        streamer.end()
+    return ids, stats
+
+
+def _decode_loop(model, ids, logits, cache, cfg, generator, streamer, tokenizer, finished, eos, pad, prompt_len,
+                 device, stats, texts):
+    """One cached forward per new token after the prefill; returns ids with the new tokens."""
+    b = ids.shape[0]
     for step in range(cfg.max_new_tokens):
         token = next_tokens(logits, ids.to(logits.device), cfg, generator).cpu()
         token = torch.where(finished, torch.full_like(token, pad), token)
@@ -177,7 +193,4 @@ def generate(model, input_ids: torch.Tensor, cfg: SamplingConfig, *, max_context
         if bool(finished.all()) or step == cfg.max_new_tokens - 1:
             break
         logits = model(token[:, None].to(device), cache, prompt_len + step, last_only=True)[:, -1]
-    stats.decode_seconds = time.perf_counter() - t_decode
-    if streamer is not None:
-        streamer.end()
-    return ids, stats
+    return ids
