@@ -31,7 +31,8 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 0:
         raise OffloadError(f"--max-new-tokens={args.max_new_tokens}: expected an integer >= 0")
     m = OffloadedModel.from_pretrained(args.model, device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory,
-                                       revision=args.revision, local_files_only=args.local_files_only)
+                                       revision=args.revision, local_files_only=args.local_files_only,
+                                       context=args.context)
     if args.chat:
         ids = m.chat_ids(args.prompt)
     else:
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     g.add_argument("--echo", action="store_true", help="print the prompt too")
+    g.add_argument("--context", type=int, default=4096, help="KV cache the GPU budget reserves (default 4096)")
     g.set_defaults(func=cmd_generate)
 
     from offload.place.report_cli import add_report_arguments, run_report

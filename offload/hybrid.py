@@ -43,8 +43,8 @@ class HybridStats:
     active_cold: int = 0  # … and on the CPU
     bytes_hot: int = 0  # weight bytes those neurons read, device side
     bytes_cold: int = 0  # … CPU side
-    cold_wait_seconds: float = 0.0  # time the caller waited for the CPU after its own part was done
-    cold_seconds: float = 0.0  # CPU time of the cold part (on the worker)
+    cold_wait_seconds: float = 0.0  # time the caller waited for the CPU part (decode calls)
+    cold_seconds: float = 0.0  # time of the cold part's decode calls (on the worker or the caller)
     prefill_calls: int = 0
 
     @property
@@ -165,7 +165,7 @@ class HybridFFN(nn.Module):
         prefill = (x.dim() == 3 and shape[1] > 1) or x2.shape[0] > DECODE_MAX_TOKENS  # a prompt: x [b, t>1, d]
         if prefill or self.select is None:
             self.stats.prefill_calls += prefill
-            fut = self.worker.submit(_Timed(self.cold.forward_dense, self.stats), x_np) if self.cold else None
+            fut = self.worker.submit(self.cold.forward_dense, x_np) if self.cold else None  # not in decode stats
             y = self._hot_dense(x2) if self.n_hot else None
         else:
             active = self.select(x2).numpy()  # sorted global ids (CPU)
@@ -190,7 +190,8 @@ class HybridFFN(nn.Module):
         if fut is not None:
             t0 = time.perf_counter()
             cold_y = torch.from_numpy(np.asarray(fut.result(), dtype=np.float32).reshape(x2.shape))
-            self.stats.cold_wait_seconds += time.perf_counter() - t0
+            if not prefill:
+                self.stats.cold_wait_seconds += time.perf_counter() - t0
             cold_y = cold_y.to(self.device) if self.device.type != "cpu" else cold_y
             y = cold_y if y is None else y + cold_y
         if y is None:
