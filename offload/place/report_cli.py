@@ -114,7 +114,9 @@ def add_report_arguments(p) -> None:
     p.add_argument("--profile", default=None, help="profile.safetensors (default: the model's cached profile, if any)")
     p.add_argument("--density", type=float, default=0.5,
                    help="without a profile: every neuron's assumed activation frequency (default 0.5)")
-    p.add_argument("--predictor-bytes", default="0", help="one layer's predictor size on the GPU (e.g. 2MiB)")
+    p.add_argument("--predictor-bytes", default=None,
+                   help="one layer's predictor size on the GPU, e.g. 2MiB (default: from the model's cached "
+                        "predictor.safetensors, else 0)")
     p.add_argument("--min-hot", type=int, default=0, help="each layer holds 0 or at least this many hot neurons")
     p.add_argument("--method", default="auto", choices=("auto", "greedy", "milp"), help="placement solver")
     p.add_argument("--gpu", default=None,
@@ -137,7 +139,9 @@ def run_report(args, *, load_frequencies=None, out=None) -> int:
     budget = parse_memory_size(args.gpu_memory, name="--gpu-memory")  # bad input fails before any I/O
     rate = {k: parse_memory_size(v, name=f"--{k.replace('_', '-')}") if v is not None else None
             for k, v in (("gpu_bandwidth", args.gpu_bandwidth), ("cpu_bandwidth", args.cpu_bandwidth))}
-    predictor = parse_memory_size(args.predictor_bytes, name="--predictor-bytes") if args.predictor_bytes != "0" else 0
+    predictor = None
+    if args.predictor_bytes not in (None, "0"):
+        predictor = parse_memory_size(args.predictor_bytes, name="--predictor-bytes")
     if args.context < 1 or args.batch < 1:
         raise OffloadError(f"--context and --batch must be ≥ 1, got {args.context} and {args.batch}")
     config, identity = model_sizes(args.model, local_files_only=args.local_files_only, revision=args.revision)
@@ -146,6 +150,8 @@ def run_report(args, *, load_frequencies=None, out=None) -> int:
         cached = os.path.join(model_cache_dir(identity, create=False), "profile.safetensors")
         profile = cached if os.path.isfile(cached) else None
     freqs = (load_frequencies or load_profile_frequencies)(profile, identity) if profile else None
+    if predictor is None:
+        predictor = cached_predictor_bytes(identity, config.get("num_hidden_layers") or 1)
     gpu = args.gpu
     if gpu is None and rate["gpu_bandwidth"] is None:
         gpu = _detected_gpu()
@@ -160,6 +166,21 @@ def run_report(args, *, load_frequencies=None, out=None) -> int:
         plot_report(held[2], held[1], args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def cached_predictor_bytes(identity: str, layers: int) -> int:
+    """One layer's predictor bytes from the model's cached predictor.safetensors (0 if none): the
+    tensors' bytes from the file header, spread evenly over the layers."""
+    from offload.cache import model_cache_dir
+    from offload.checkpoint import read_safetensors_header
+
+    path = os.path.join(model_cache_dir(identity, create=False), "predictor.safetensors")
+    if not os.path.isfile(path):
+        return 0
+    header = read_safetensors_header(path)
+    total = sum(end - begin for name, info in header.items() if name != "__metadata__"
+                for begin, end in [info["data_offsets"]])
+    return total // max(layers, 1)
 
 
 def _detected_gpu() -> str:
