@@ -238,3 +238,20 @@ def test_split_forward_in_forked_child(split_always):
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
         f"child exit status {os.waitstatus_to_exitcode(status)}")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and two CPUs")
+def test_helpers_kept_off_the_callers_cpu(monkeypatch):
+    team = ffn_mod._Team(2)
+    if not team._cpus:
+        pytest.skip("sched_getcpu unavailable")
+    cpus = set(team._cpus)
+    cpu = min(cpus)
+    monkeypatch.setattr(team, "_getcpu", lambda: cpu)
+    helper = team._helpers[0]
+    team.run(lambda j: j, [(0,), (1,)])
+    assert os.sched_getaffinity(helper.tid) == cpus - {cpu}
+    monkeypatch.setattr(ffn_mod, "PLACE_HELPERS", False)
+    team.run(lambda j: j, [(0,), (1,)])
+    assert os.sched_getaffinity(helper.tid) == cpus  # switched off: every CPU again

@@ -46,11 +46,19 @@ took 19-22 ms = 25-28 GB/s on a quiet moment of this 2-vCPU EPYC VM):
     | own 2 threads (this module)       | 24-30 GB/s, 0.1 ms of CPU after a call                |
 
 So pure NumPy stays below 0.31 (every variant copies the rows before BLAS reads them again),
-and the compiled single pass reaches dense bandwidth. Measured against dense in one run:
-``python benchmarks/cold_ffn.py`` (the table there; ratio 0.8-1.2 at 5-50 % on this shared
-machine). Two interactions seen on 2 cores: OpenBLAS's idle workers busy-wait ~65 ms after each
-BLAS call (a sparse call right after a large matvec gets one core), and numba's OpenMP pool does
-the same for ~12 ms (hence no ``prange``).
+and the compiled single pass reaches dense bandwidth. Final kernel against dense in one run,
+``python benchmarks/cold_ffn.py`` on a quiet moment (dense 14.9 ms = 36.5 GB/s):
+
+    | density          |  5 %  | 10 %  | 20 %  | 30 %  | 50 %  |
+    | sparse ms        | 0.89  | 1.61  | 3.15  | 4.48  | 7.44  |
+    | ratio            | 0.84  | 0.92  | 0.94  | 0.97  | 1.00  |
+    | naive gather     | 0.25  | 0.26  | 0.15  | 0.14  | 0.16  |
+
+Three interactions seen on 2 cores: OpenBLAS's idle workers busy-wait ~65 ms after each BLAS call
+(a sparse call right after a large matvec gets one core: ratio 0.58-0.80 with ``--settle 0``),
+numba's OpenMP pool does the same for ~12 ms (hence no ``prange``), and the scheduler's wake-up
+placement of the helper thread (see :class:`_Team`: without the fix, small calls after an idle
+gap ran at 20-22 GB/s instead of 27-30).
 
 Batch: b = 8 at 10 % density on one thread took 15.6 ms with a dot product per token; running
 four tokens per pass and gate/up fused (loads per FMA 1.5 -> 0.75) brought it to 6.9 ms (b = 1:
@@ -74,6 +82,8 @@ KINDS = ("swiglu", "relu", "drelu", "relu_fc")  # index = kernel code in _numba
 MIN_BYTES_PER_THREAD = 512 * 1024
 # split calls hand out work in blocks of about this many bytes of rows
 BLOCK_BYTES = 192 * 1024
+# keep helper threads off the CPU the calling thread is on (see _Team)
+PLACE_HELPERS = True
 
 _numba = None  # offload.cold._numba, imported on first use (numba's import costs ~0.7 s)
 
@@ -149,7 +159,9 @@ class _Helper:
         self._ret = None
         self._err: Optional[BaseException] = None
         self._pending = False  # started and not joined yet
-        threading.Thread(target=self._loop, name=name, daemon=True).start()
+        t = threading.Thread(target=self._loop, name=name, daemon=True)
+        t.start()
+        self.tid = t.native_id  # kernel thread id, for sched_setaffinity
 
     def _loop(self):
         while True:
@@ -190,6 +202,21 @@ class _Helper:
         return ret
 
 
+def _sched_getcpu():
+    """Returns a function giving the CPU the calling thread runs on, or None if unavailable."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        import ctypes
+
+        f = ctypes.CDLL(None, use_errno=True).sched_getcpu
+    except (OSError, AttributeError):
+        return None
+    f.restype = ctypes.c_int
+    f.argtypes = []
+    return f if f() >= 0 else None
+
+
 class _Team:
     """Fork-join: ``fn(*args_list[0])`` runs inline, ``fn(*args_list[j])`` on helper j-1.
 
@@ -197,17 +224,51 @@ class _Team:
     after the inline part, may say that helper j never started and can no longer affect the
     result; such a helper is not waited for (it is joined before its next job instead), so a
     helper that is slow to wake costs the caller nothing.
+
+    Placement: left alone, Linux woke the helper onto the caller's own CPU here (2-vCPU VM):
+    the helper preempted the caller and did the whole job while the other CPU idled, so calls of
+    a few ms ran at one core's bandwidth (22 GB/s instead of 30-32 at 550-1100 neurons of
+    4096 x 11008). Before each dispatch the helpers' affinity is therefore set to the allowed
+    CPUs minus the one the caller is on (a syscall only when that CPU changes). The caller
+    itself is never pinned; a helper whose CPU is busy just claims fewer blocks.
     """
 
     def __init__(self, threads: int):
         self.threads = threads
         self._lock = threading.Lock()
         self._helpers = [_Helper(f"offload-cold-{j}") for j in range(1, threads)]
+        self._getcpu = _sched_getcpu()
+        try:
+            self._cpus = frozenset(os.sched_getaffinity(0)) if self._getcpu else frozenset()
+        except OSError:
+            self._cpus = frozenset()
+        self._avoid = None  # the caller CPU the helpers were last moved off
+
+    def _place_helpers(self):
+        if not PLACE_HELPERS:
+            if self._avoid is not None:  # switched off: give the helpers every CPU back
+                self._avoid = None
+                for h in self._helpers:
+                    os.sched_setaffinity(h.tid, self._cpus)
+            return
+        cpu = self._getcpu()
+        if cpu == self._avoid or cpu not in self._cpus:
+            return
+        others = self._cpus - {cpu}
+        try:
+            for h in self._helpers:
+                os.sched_setaffinity(h.tid, others)
+        except OSError:  # affinity changed under us, or not permitted: stop trying
+            self._cpus = frozenset()
+            return
+        self._avoid = cpu
 
     def run(self, fn, args_list: Sequence[tuple], idle=None) -> list:
         if len(args_list) > self.threads:
             raise ValueError("more chunks than threads")
         with self._lock:
+            if len(self._cpus) > 1:
+                self._place_helpers()
             used = self._helpers[: len(args_list) - 1]
             for h, args in zip(used, args_list[1:]):
                 h.start(fn, args)

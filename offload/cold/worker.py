@@ -15,10 +15,10 @@ thread). An interrupted wait leaves the job running; its result is simply droppe
 stays usable.
 
 Measured here (2 vCPUs, CPython 3.11, no-op job, ``submit(...).result()`` 3000 times, ``python
-benchmarks/cold_ffn.py --worker-only``; the machine was shared with other jobs throughout):
-this class median 24-39 µs (min 12-17 µs), ``ThreadPoolExecutor(max_workers=1)`` median 33-64 µs
-(min 20-30 µs), a direct call 0.2-0.4 µs. Most of it is the two thread wake-ups (futex +
-scheduler) and GIL handoffs, not Python: at 30 layers per token that is ~1 ms per token.
+benchmarks/cold_ffn.py --worker-only``; five runs, some with other jobs on the machine): this
+class median 18-39 µs (min 9-17 µs), ``ThreadPoolExecutor(max_workers=1)`` median 19-64 µs (min
+17-30 µs), a direct call 0.2-0.4 µs. Most of it is the two thread wake-ups (futex + scheduler)
+and GIL handoffs, not Python: at 30 layers per token, ~1 ms per token.
 """
 from __future__ import annotations
 
