@@ -50,6 +50,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def empty_param(shape, dtype, device) -> nn.Parameter:
+    """An uninitialised, frozen parameter (weights are loaded, never trained)."""
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def param_loader(get, dtype: torch.dtype, device):
+    """``put(module, attr, *hf_names)``: set ``module.attr`` to the named checkpoint tensors, concatenated
+    along dim 0 when several (fused q/k/v, gate/up), converted to ``dtype`` on ``device``."""
+    device = "cpu" if torch.device(device).type == "meta" else device
+
+    def put(module: nn.Module, attr: str, *names: str) -> None:
+        tensors = [get(n) for n in names]
+        value = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+        setattr(module, attr, nn.Parameter(value.to(device=device, dtype=dtype).contiguous(), requires_grad=False))
+
+    return put
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from offload.errors import UnsupportedModelError
-from offload.models.common import KVCache, linear, RMSNorm, apply_rope, cached_attention, rope_inv_freq, rope_tables
+from offload.models.common import (KVCache, RMSNorm, apply_rope, cached_attention, empty_param, linear, param_loader,
+                                   rope_inv_freq, rope_tables)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # hidden_act → how the FFN combines gate g and up u before down_proj.
@@ -115,10 +116,6 @@ def ignorable_tensor(name: str, cfg: LlamaConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight")
 
 
-def _param(shape, dtype, device) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
-
-
 class GatedFFN(nn.Module):
     """down(act(gate(x)) ⊙ up(x)). Neuron i is row i of gate and up and column i of down.
 
@@ -130,10 +127,10 @@ class GatedFFN(nn.Module):
         if kind not in ("swiglu", "relu", "drelu"):
             raise UnsupportedModelError(f"FFN kind {kind!r}; supported: swiglu, relu, drelu")
         self.kind, self.n = kind, n
-        self.gate_up = _param((2 * n, d), dtype, device)
-        self.down = _param((d, n), dtype, device)
-        self.gate_up_bias = _param((2 * n,), dtype, device) if bias else None
-        self.down_bias = _param((d,), dtype, device) if bias else None
+        self.gate_up = empty_param((2 * n, d), dtype, device)
+        self.down = empty_param((d, n), dtype, device)
+        self.gate_up_bias = empty_param((2 * n,), dtype, device) if bias else None
+        self.down_bias = empty_param((d,), dtype, device) if bias else None
 
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:
         """Per-neuron activations [..., n]: the value each neuron contributes, times its down column."""
@@ -153,10 +150,10 @@ class Attention(nn.Module):
         super().__init__()
         self.h, self.kvh, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv_out = (self.h + 2 * self.kvh) * self.hd
-        self.qkv = _param((qkv_out, cfg.hidden_size), dtype, device)  # q rows, then k, then v
-        self.qkv_bias = _param((qkv_out,), dtype, device) if cfg.attention_bias else None
-        self.o = _param((cfg.hidden_size, self.h * self.hd), dtype, device)
-        self.o_bias = _param((cfg.hidden_size,), dtype, device) if cfg.attention_out_bias else None
+        self.qkv = empty_param((qkv_out, cfg.hidden_size), dtype, device)  # q rows, then k, then v
+        self.qkv_bias = empty_param((qkv_out,), dtype, device) if cfg.attention_bias else None
+        self.o = empty_param((cfg.hidden_size, self.h * self.hd), dtype, device)
+        self.o_bias = empty_param((cfg.hidden_size,), dtype, device) if cfg.attention_out_bias else None
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int):
         b, t, _ = x.shape
@@ -189,10 +186,10 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.config = cfg
-        self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
+        self.embed = empty_param((cfg.vocab_size, cfg.hidden_size), dtype, device)
         self.layers = nn.ModuleList(Block(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
+        self.lm_head = None if cfg.tie_word_embeddings else empty_param((cfg.vocab_size, cfg.hidden_size), dtype, device)
         inv_freq, scale = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self._rope = (inv_freq, scale)
         self._cos = self._sin = None
@@ -233,13 +230,7 @@ class LlamaModel(nn.Module):
     def load_weights(self, get) -> None:
         """Fill the parameters from ``get(hf_name) → tensor`` (names already checked against
         expected_tensors). Fuses q/k/v and gate/up as it goes."""
-        dtype = self.embed.dtype
-        device = self.embed.device if self.embed.device.type != "meta" else "cpu"
-
-        def put(module, attr, *names):
-            tensors = [get(n) for n in names]
-            value = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
-            setattr(module, attr, nn.Parameter(value.to(device=device, dtype=dtype).contiguous(), requires_grad=False))
+        put = param_loader(get, self.embed.dtype, self.embed.device)
 
         put(self, "embed", "model.embed_tokens.weight")
         put(self.norm, "weight", "model.norm.weight")

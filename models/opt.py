@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offload.errors import UnsupportedModelError
-from offload.models.common import KVCache, linear, cached_attention
+from offload.models.common import KVCache, cached_attention, empty_param, linear, param_loader
 
 MODEL_TYPES = ("opt",)
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (fairseq legacy)
@@ -97,10 +97,6 @@ def ignorable_tensor(name: str, cfg: OPTConfig) -> bool:
     return cfg.tie_word_embeddings and name == "lm_head.weight"
 
 
-def _param(shape, dtype, device) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
-
-
 class ReluFFN(nn.Module):
     """fc2(relu(fc1(x) + b1)) + b2. Neuron i is row i of fc1 (and b1[i]) and column i of fc2.
 
@@ -112,8 +108,8 @@ class ReluFFN(nn.Module):
     def __init__(self, d: int, n: int, dtype=torch.float32, device=None):
         super().__init__()
         self.n = n
-        self.fc1, self.fc1_bias = _param((n, d), dtype, device), _param((n,), dtype, device)
-        self.fc2, self.fc2_bias = _param((d, n), dtype, device), _param((d,), dtype, device)
+        self.fc1, self.fc1_bias = empty_param((n, d), dtype, device), empty_param((n,), dtype, device)
+        self.fc2, self.fc2_bias = empty_param((d, n), dtype, device), empty_param((d,), dtype, device)
 
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(linear(x, self.fc1, self.fc1_bias))
@@ -127,8 +123,8 @@ class Attention(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.h, self.hd = cfg.num_attention_heads, cfg.head_dim
-        self.qkv, self.qkv_bias = _param((3 * d, d), dtype, device), _param((3 * d,), dtype, device)
-        self.o, self.o_bias = _param((d, d), dtype, device), _param((d,), dtype, device)
+        self.qkv, self.qkv_bias = empty_param((3 * d, d), dtype, device), empty_param((3 * d,), dtype, device)
+        self.o, self.o_bias = empty_param((d, d), dtype, device), empty_param((d,), dtype, device)
 
     def forward(self, x, cache: KVCache | None, layer: int, start: int):
         b, t, d = x.shape
@@ -162,13 +158,13 @@ class OPTModel(nn.Module):
         super().__init__()
         self.config = cfg
         d, e = cfg.hidden_size, cfg.word_embed_proj_dim
-        self.embed = _param((cfg.vocab_size, e), dtype, device)
-        self.positions = _param((cfg.max_position_embeddings + POSITION_OFFSET, d), dtype, device)
-        self.project_in = _param((d, e), dtype, device) if e != d else None
-        self.project_out = _param((e, d), dtype, device) if e != d else None
+        self.embed = empty_param((cfg.vocab_size, e), dtype, device)
+        self.positions = empty_param((cfg.max_position_embeddings + POSITION_OFFSET, d), dtype, device)
+        self.project_in = empty_param((d, e), dtype, device) if e != d else None
+        self.project_out = empty_param((e, d), dtype, device) if e != d else None
         self.layers = nn.ModuleList(Block(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
         self.norm = nn.LayerNorm(d, dtype=dtype, device=device) if cfg.final_layer_norm else None
-        self.lm_head = None if cfg.tie_word_embeddings else _param((cfg.vocab_size, e), dtype, device)
+        self.lm_head = None if cfg.tie_word_embeddings else empty_param((cfg.vocab_size, e), dtype, device)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -202,13 +198,7 @@ class OPTModel(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, get) -> None:
-        dtype = self.embed.dtype
-        device = self.embed.device if self.embed.device.type != "meta" else "cpu"
-
-        def put(module, attr, *names):
-            tensors = [get(n) for n in names]
-            value = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
-            setattr(module, attr, nn.Parameter(value.to(device=device, dtype=dtype).contiguous(), requires_grad=False))
+        put = param_loader(get, self.embed.dtype, self.embed.device)
 
         p0 = "model.decoder."
         put(self, "embed", p0 + "embed_tokens.weight")
