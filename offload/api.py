@@ -59,20 +59,46 @@ def load_tokenizer(ckpt: Checkpoint):
 def _fast_selector(predictor, selector, device: torch.device):
     """x [b, d] → sorted union over the batch of each token's selected neurons.
 
-    On the CPU an int4/int8 shadow predictor scores with offload.lowbit's kernels, which read the
-    packed bytes once (the torch reference dequantizes to fp32 and reads 8x more); other predictors
-    use their own mask."""
+    Shadow predictors score from their packed int4/int8 bytes, never a dequantized fp32 copy (which
+    reads 8x more and, on a GPU, would take memory the budget does not count): on the CPU with
+    offload.lowbit's kernels, elsewhere with torch.ops.offload.shadow_scores_int{4,8} (Triton).
+    Other predictors use their own mask."""
     from offload.predict.shadow import ShadowPredictor
 
-    if device.type == "cpu" and isinstance(predictor, ShadowPredictor):
-        from offload.lowbit import shadow_from_predictor, topk_indices
-        from offload.sparse import topk_count
+    if not isinstance(predictor, ShadowPredictor):
+        return lambda x: selector.mask(x).any(0).nonzero().flatten()
+    if device.type == "cpu":
+        return _cpu_shadow_selector(predictor)
+    return device_shadow_selector(predictor, device)
 
-        shadow = shadow_from_predictor(predictor)
-        k = topk_count(predictor.density, predictor.n)
-        predictor.clear_cache()  # drop the fp32 copy the reference scorer may have built
-        return lambda x: torch.from_numpy(topk_indices(shadow.scores(x.detach().float().numpy()), k))
-    return lambda x: selector.mask(x).any(0).nonzero().flatten()
+
+def _cpu_shadow_selector(predictor):
+    from offload.lowbit import shadow_from_predictor, topk_indices
+    from offload.sparse import topk_count
+
+    shadow = shadow_from_predictor(predictor)
+    k = topk_count(predictor.density, predictor.n)
+    predictor.clear_cache()  # drop the fp32 copy the reference scorer may have built
+    return lambda x: torch.from_numpy(topk_indices(shadow.scores(x.detach().float().numpy()), k))
+
+
+def device_shadow_selector(predictor, device: torch.device):
+    """The shadow predictor's top-k on ``device`` through the registered scoring op (Triton on CUDA,
+    the torch reference on the CPU). Returns sorted global ids [k..b·k] on ``device``."""
+    from offload.kernels.shadow_scores import shadow_scores_int4, shadow_scores_int8
+    from offload.sparse import topk_count
+
+    score = shadow_scores_int4 if predictor.bits == 4 else shadow_scores_int8
+    t = {name: v.to(device) for name, v in predictor.tensors().items()}
+    k = topk_count(predictor.density, predictor.n)
+    predictor.clear_cache()
+
+    def select(x: torch.Tensor) -> torch.Tensor:
+        s = score(x, t["q_gate"], t["s_gate"], t["q_up"], t["s_up"], t.get("gate_bias"), t.get("up_bias"),
+                  predictor.kind)
+        return torch.unique(s.topk(k, dim=-1).indices.flatten())  # sorted
+
+    return select
 
 
 class OffloadedModel:

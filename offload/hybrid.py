@@ -168,7 +168,7 @@ class HybridFFN(nn.Module):
             fut = self.worker.submit(self.cold.forward_dense, x_np) if self.cold else None  # not in decode stats
             y = self._hot_dense(x2) if self.n_hot else None
         else:
-            active = self.select(x2).numpy()  # sorted global ids (CPU)
+            active = self.select(x2).cpu().numpy()  # sorted global ids
             hot_local = self.hot_pos_np[active]
             hot_local = hot_local[hot_local >= 0]
             cold_local = self.cold_pos[active]

@@ -44,3 +44,16 @@ def test_offload_budget_below_fixed_part_is_refused(tiny_prepared):
     m = OffloadedModel(build_model(ckpt, progress=False), None, ckpt, device=torch.device("cpu"))
     with pytest.raises(BudgetError, match="too small"):
         m.offload(10_000, device=torch.device("cpu"), context=64, prepared=prep, progress=False)
+
+
+def test_device_shadow_selector_matches_the_predictor(tiny_prepared):
+    """The GPU-side selector (scoring op + top-k), run here through the op's CPU reference, picks the
+    same neurons as the predictor's own mask."""
+    from offload.api import device_shadow_selector
+
+    _, prep = tiny_prepared
+    pred = prep.predictors[0]
+    select = device_shadow_selector(pred, torch.device("cpu"))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    expected = pred.mask(x).any(0).nonzero().flatten()
+    assert torch.equal(select(x), expected)
