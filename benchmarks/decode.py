@@ -154,7 +154,7 @@ def main(argv=None) -> int:
 
     from offload import OffloadedModel
     from offload.checkpoint import default_model_path
-    from offload.evaluate import prepare
+    from offload.prepare import prepare
     from offload.place.memory import plan_memory
     from offload.place.report import build_report, measure_cpu_bandwidth
 

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     from offload import OffloadedModel
     from offload.checkpoint import default_model_path
-    from offload.evaluate import prepare
+    from offload.prepare import prepare
     from offload.place.memory import plan_memory
 
     path = default_model_path()
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                     bytes_per_token[name] = (h.bytes_hot + h.bytes_cold) / steps
     dense_ffn = sum(3 * c.shape[0] * c.shape[1] * 4 for c in (layer.mlp.down for layer in dense.model.layers))
     base = statistics.mean(rates["transformers"])
-    print(f"| engine | decode tok/s | × transformers | FFN bytes/token (÷ dense) |")
+    print("| engine | decode tok/s | × transformers | FFN bytes/token (÷ dense) |")
     print("|---|---|---|---|")
     for name, r in rates.items():
         b = bytes_per_token.get(name)

@@ -123,8 +123,8 @@ class OffloadedModel:
         """Profile → predict → place → run: build (or reuse from the cache) the profile, predictors and
         operating point, solve the placement of hot neurons for ``budget`` bytes on ``device``, and
         swap every FFN for a HybridFFN. With device='cpu' the hot side runs on CPU torch.
-        ``prepared``: artifacts from offload.evaluate.prepare / prepare_from_tokens (default: prepare)."""
-        from offload.evaluate import prepare
+        ``prepared``: artifacts from offload.prepare.prepare / prepare_from_tokens (default: prepare)."""
+        from offload.prepare import prepare
         from offload.hybrid import apply_placement
         from offload.place.report import plan_and_place
 

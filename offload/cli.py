@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_arguments(r)
     r.set_defaults(func=run_report)
 
-    from offload.evaluate import add_eval_arguments, add_prepare_arguments, run_eval, run_prepare
+    from offload.evaluate import add_eval_arguments, run_eval
+    from offload.prepare import add_prepare_arguments, run_prepare
 
     p = sub.add_parser("prepare", help="profile + predictors + operating point (cached per model)")
     add_prepare_arguments(p)

@@ -7,7 +7,7 @@ import torch
 from offload import OffloadedModel
 from offload.checkpoint import open_checkpoint
 from offload.errors import BudgetError
-from offload.evaluate import prepare_from_tokens
+from offload.prepare import prepare_from_tokens
 from offload.loading import build_model
 
 

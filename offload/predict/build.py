@@ -3,7 +3,7 @@
 ``build_predictors(model, calibration_windows, validation_windows, method="auto")``:
 - "shadow" (default for SwiGLU): quantize each layer's gate and up rows (int4 groups of 32, or int8);
   nothing to train. Its density (top-k per token) is the operating point, chosen by perplexity in
-  :func:`offload.evaluate.prepare`.
+  :func:`offload.prepare.prepare`.
 - "lowrank" (default for ReLU / dReLU / OPT): capture FFN inputs, train ``fc2·relu(fc1·x)`` per layer
   (:func:`offload.predict.lowrank.train_lowrank`), hidden size and threshold chosen on validation
   tokens for recall ≥ ``recall_target`` at the fewest FFN bytes.
