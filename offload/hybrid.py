@@ -157,6 +157,18 @@ class HybridFFN(nn.Module):
                  "drelu": lambda: torch.relu(g) * torch.relu(u)}[self.kind]()
         return h @ self.w3t.float()
 
+    def _cold_dense_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """Every cold neuron with torch matmuls over the bundled rows (views, no copy): x [t, d] fp32."""
+        W = torch.from_numpy(self.cold.W)  # [n_cold, m, d]
+        g = x @ W[:, 0].T
+        if self.kind == "relu_fc":
+            h = torch.relu(g + torch.from_numpy(self.cold.bias))
+        else:
+            u = x @ W[:, 1].T
+            h = {"swiglu": lambda: torch.nn.functional.silu(g) * u, "relu": lambda: torch.relu(g) * u,
+                 "drelu": lambda: torch.relu(g) * torch.relu(u)}[self.kind]()
+        return h @ W[:, -1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -165,7 +177,12 @@ class HybridFFN(nn.Module):
         prefill = (x.dim() == 3 and shape[1] > 1) or x2.shape[0] > DECODE_MAX_TOKENS  # a prompt: x [b, t>1, d]
         if prefill or self.select is None:
             self.stats.prefill_calls += prefill
-            fut = self.worker.submit(self.cold.forward_dense, x_np) if self.cold else None  # not in decode stats
+            if self.cold is not None and self.device.type == "cpu":
+                # Nothing to overlap with, and torch's thread pool is already running the prompt's
+                # other matmuls: computing here avoids a second (OpenBLAS) pool spinning against it.
+                fut = _Done(self._cold_dense_torch(x_cpu))
+            else:
+                fut = self.worker.submit(self.cold.forward_dense, x_np) if self.cold else None  # not in stats
             y = self._hot_dense(x2) if self.n_hot else None
         else:
             active = self.select(x2).cpu().numpy()  # sorted global ids
