@@ -157,12 +157,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int):
         b, t, _ = x.shape
-        qkv = linear(x, self.qkv, self.qkv_bias)
-        q, k, v = qkv.split((self.h * self.hd, self.kvh * self.hd, self.kvh * self.hd), dim=-1)
-        q = q.view(b, t, self.h, self.hd).transpose(1, 2)
-        k = k.view(b, t, self.kvh, self.hd).transpose(1, 2)
-        v = v.view(b, t, self.kvh, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = linear(x, self.qkv, self.qkv_bias).view(b, t, self.h + 2 * self.kvh, self.hd).transpose(1, 2)
+        # RoPE on the q and k heads together (one set of ops instead of two): [b, h + kvh, t, hd].
+        qk = apply_rope(qkv[:, : self.h + self.kvh], cos, sin)
+        q, k, v = qk[:, : self.h], qk[:, self.h:], qkv[:, self.h + self.kvh:]
         out = cached_attention(q, k, v, cache, layer, start)
         return linear(out.transpose(1, 2).reshape(b, t, self.h * self.hd), self.o, self.o_bias)
 
