@@ -28,6 +28,7 @@ from offload.cold.ffn import ColdFFN
 from offload.cold.worker import ColdWorker
 from offload.errors import UnsupportedModelError
 from offload.kernels.sparse_down import ffn_hot_forward
+from offload.sparse import activation, ffn_weights
 
 DECODE_MAX_TOKENS = 8  # the hot kernels' batch limit; larger batches take the dense paths
 
@@ -80,16 +81,15 @@ class _Timed:
             self.stats.cold_seconds += time.perf_counter() - t0
 
 
-def _ffn_weights(mlp: nn.Module):
-    """(kind, w1 [n,d], w2 [n,d] | None, b1 [n] | None, down [d,n], down bias [d] | None) of a dense FFN."""
-    kind = mlp.kind
-    if kind == "relu_fc":  # OPT
-        return kind, mlp.fc1.data, None, mlp.fc1_bias.data, mlp.fc2.data, mlp.fc2_bias.data
-    if getattr(mlp, "gate_up_bias", None) is not None:
+def _ffn_sides(mlp: nn.Module):
+    """(kind, w1 [n,d], w2 [n,d] | None, b1 [n] | None, down [d,n], down bias [d] | None) in the hot
+    kernels' terms: w1 is the gate (fc1 for OPT, with its bias b1), w2 the up projection."""
+    w = ffn_weights(mlp)
+    if w.kind == "relu_fc":  # OPT
+        return w.kind, w.up, None, w.up_bias, w.down, w.down_bias
+    if w.gate_bias is not None:
         raise UnsupportedModelError("hybrid FFN with mlp_bias=true (gate/up biases) is not supported yet")
-    n = mlp.n
-    return kind, mlp.gate_up.data[:n], mlp.gate_up.data[n:], None, mlp.down.data, \
-        (mlp.down_bias.data if mlp.down_bias is not None else None)
+    return w.kind, w.gate, w.up, None, w.down, w.down_bias
 
 
 class HybridFFN(nn.Module):
@@ -103,7 +103,7 @@ class HybridFFN(nn.Module):
                  device: torch.device | str, hot_dtype: torch.dtype, worker: ColdWorker, stats: HybridStats,
                  backend: str = "auto", cold_threads: int | None = None):
         super().__init__()
-        kind, w1, w2, b1, down, out_bias = _ffn_weights(mlp)
+        kind, w1, w2, b1, down, out_bias = _ffn_sides(mlp)
         n, d = w1.shape
         hot = np.unique(np.asarray(hot_ids, dtype=np.int64))
         if hot.size and (hot[0] < 0 or hot[-1] >= n):
@@ -113,9 +113,8 @@ class HybridFFN(nn.Module):
         self.device, self.backend = torch.device(device), backend
         self.select, self.worker, self.stats = select, worker, stats
         # Position of each global neuron on its side (-1: on the other side).
-        self.hot_pos = torch.full((n,), -1, dtype=torch.int64)
-        self.hot_pos[torch.from_numpy(hot)] = torch.arange(hot.size)
-        self.hot_pos_np = self.hot_pos.numpy()
+        self.hot_pos = np.full(n, -1, dtype=np.int64)
+        self.hot_pos[hot] = np.arange(hot.size)
         self.cold_pos = np.full(n, -1, dtype=np.int64)
         self.cold_pos[cold] = np.arange(cold.size)
         self.n_hot, self.n_cold = int(hot.size), int(cold.size)
@@ -139,34 +138,28 @@ class HybridFFN(nn.Module):
 
     # -- the two sides -------------------------------------------------------------------------------
     def _hot(self, x2: torch.Tensor, hot_local: torch.Tensor) -> torch.Tensor:
-        if hot_local.numel() == 0:
-            return torch.zeros(x2.shape, dtype=torch.float32, device=self.device)
+        """The selected hot rows (hot_local: int32 [k ≥ 1] on the device) → [t, d] fp32."""
         return ffn_hot_forward(x2.to(self.w1.dtype), hot_local.to(torch.int32), w1=self.w1, w3t=self.w3t,
                                w2=self.w2, b1=self.b1, activation=self.kind, backend=self.backend)
 
     def _hot_dense(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.n_hot == 0:
-            return torch.zeros(x2.shape, dtype=torch.float32, device=self.device)
+        """Every hot row (n_hot ≥ 1) → [t, d] fp32."""
         xh = x2.to(self.w1.dtype)
         g = torch.nn.functional.linear(xh, self.w1, self.b1).float()
-        if self.kind == "relu_fc":
-            h = torch.relu(g)
-        else:
-            u = torch.nn.functional.linear(xh, self.w2).float()
-            h = {"swiglu": lambda: torch.nn.functional.silu(g) * u, "relu": lambda: torch.relu(g) * u,
-                 "drelu": lambda: torch.relu(g) * torch.relu(u)}[self.kind]()
-        return h @ self.w3t.float()
+        u = torch.nn.functional.linear(xh, self.w2).float() if self.w2 is not None else None
+        return self._act(g, u) @ self.w3t.float()
+
+    def _act(self, g: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        """offload.sparse.activation in the hot kernels' terms (for OPT, g is fc1's output and u None)."""
+        return activation(self.kind, None, g) if u is None else activation(self.kind, g, u)
 
     def _cold_dense_torch(self, x: torch.Tensor) -> torch.Tensor:
         """Every cold neuron with torch matmuls over the bundled rows (views, no copy): x [t, d] fp32."""
         W = torch.from_numpy(self.cold.W)  # [n_cold, m, d]
-        g = x @ W[:, 0].T
         if self.kind == "relu_fc":
-            h = torch.relu(g + torch.from_numpy(self.cold.bias))
+            h = self._act(x @ W[:, 0].T + torch.from_numpy(self.cold.bias), None)
         else:
-            u = x @ W[:, 1].T
-            h = {"swiglu": lambda: torch.nn.functional.silu(g) * u, "relu": lambda: torch.relu(g) * u,
-                 "drelu": lambda: torch.relu(g) * torch.relu(u)}[self.kind]()
+            h = self._act(x @ W[:, 0].T, x @ W[:, 1].T)
         return h @ W[:, -1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +179,7 @@ class HybridFFN(nn.Module):
             y = self._hot_dense(x2) if self.n_hot else None
         else:
             active = self.select(x2).cpu().numpy()  # sorted global ids
-            hot_local = self.hot_pos_np[active]
+            hot_local = self.hot_pos[active]
             hot_local = hot_local[hot_local >= 0]
             cold_local = self.cold_pos[active]
             cold_local = cold_local[cold_local >= 0]
