@@ -156,41 +156,32 @@ def generate(model, input_ids: torch.Tensor, cfg: SamplingConfig, *, max_context
     eos = torch.tensor(cfg.eos_token_id, dtype=torch.int64) if cfg.eos_token_id else None
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
     finished = torch.zeros(b, dtype=torch.bool)
-    texts = [""] * b
 
     t0 = time.perf_counter()
     logits = model(ids.to(device), cache, 0, last_only=True)[:, -1]
     t_decode = time.perf_counter()
     stats.prefill_seconds = t_decode - t0
+    # One cached forward per new token; on the CPU in decode mode (NumPy GEMVs, torch on one thread).
     with cpu_decode_mode() if device.type == "cpu" else contextlib.nullcontext():
-        ids = _decode_loop(model, ids, logits, cache, cfg, generator, streamer, tokenizer, finished, eos, pad,
-                           prompt_len, device, stats, texts)
+        for step in range(cfg.max_new_tokens):
+            token = next_tokens(logits, ids.to(logits.device), cfg, generator).cpu()
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            stats.new_tokens += 1
+            if streamer is not None:
+                streamer.put(token)
+            if eos is not None:
+                finished |= torch.isin(token, eos)
+            if cfg.stop_strings:
+                for row in range(b):
+                    if not finished[row]:
+                        text = tokenizer.decode(ids[row, prompt_len:])
+                        if any(s in text for s in cfg.stop_strings):
+                            finished[row] = True
+            if bool(finished.all()) or step == cfg.max_new_tokens - 1:
+                break
+            logits = model(token[:, None].to(device), cache, prompt_len + step, last_only=True)[:, -1]
     stats.decode_seconds = time.perf_counter() - t_decode
     if streamer is not None:
         streamer.end()
     return ids, stats
-
-
-def _decode_loop(model, ids, logits, cache, cfg, generator, streamer, tokenizer, finished, eos, pad, prompt_len,
-                 device, stats, texts):
-    """One cached forward per new token after the prefill; returns ids with the new tokens."""
-    b = ids.shape[0]
-    for step in range(cfg.max_new_tokens):
-        token = next_tokens(logits, ids.to(logits.device), cfg, generator).cpu()
-        token = torch.where(finished, torch.full_like(token, pad), token)
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        stats.new_tokens += 1
-        if streamer is not None:
-            streamer.put(token)
-        if eos is not None:
-            finished |= torch.isin(token, eos)
-        if cfg.stop_strings:
-            for row in range(b):
-                if not finished[row]:
-                    texts[row] = tokenizer.decode(ids[row, prompt_len:])
-                    if any(s in texts[row] for s in cfg.stop_strings):
-                        finished[row] = True
-        if bool(finished.all()) or step == cfg.max_new_tokens - 1:
-            break
-        logits = model(token[:, None].to(device), cache, prompt_len + step, last_only=True)[:, -1]
-    return ids
