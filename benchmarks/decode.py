@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     from offload import OffloadedModel
     from offload.checkpoint import default_model_path
     from offload.prepare import prepare
+    from decode_dense import run_hf as hf_decode_and_prefill_rates  # benchmarks/ is on sys.path
     from offload.place.memory import plan_memory
     from offload.place.report import build_report, measure_cpu_bandwidth
 
@@ -214,13 +215,7 @@ def main(argv=None) -> int:
         return pp_ids.shape[1] / (time.perf_counter() - t0)
 
     def hf_tg(_, n=args.tg):
-        mask = torch.ones_like(tg_ids)
-        t0 = time.perf_counter()
-        hf.generate(tg_ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
-        prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        hf.generate(tg_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return (n - 1) / (time.perf_counter() - t0 - prefill)
+        return hf_decode_and_prefill_rates(hf, tg_ids, n)[0]
 
     engines = [("transformers", hf, hf_pp, hf_tg), ("offload dense", dense, ours_pp, ours_tg),
                ("offload hybrid", hybrid, ours_pp, ours_tg)]

@@ -14,11 +14,10 @@ import argparse
 import copy
 import os
 import statistics
-import time
 
 import torch
 
-PROMPT = "Write a short story about a robot who learns to paint."
+from decode_dense import PROMPT, run_hf as hf_decode_and_prefill_rates  # benchmarks/ is on sys.path
 
 
 def main(argv=None) -> int:
@@ -53,13 +52,7 @@ def main(argv=None) -> int:
     ids = dense.chat_ids(PROMPT)
 
     def run_hf(n):
-        mask = torch.ones_like(ids)
-        t0 = time.perf_counter()
-        hf.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
-        prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return (n - 1) / (time.perf_counter() - t0 - prefill)
+        return hf_decode_and_prefill_rates(hf, ids, n)[0]
 
     def run_ours(m, n):
         m.generate(ids, max_new_tokens=n, eos_token_id=[])
