@@ -179,16 +179,22 @@ def _check_batch(name: str, b: int) -> None:
             "decode, use a dense matmul for larger batches")
 
 
+def _check_token_rows(name: str, t) -> tuple[int, int]:
+    """The per-token input of a decode kernel: a 2-D float tensor [b ≤ MAX_BATCH, d] on a CPU or CUDA
+    device, contiguous along d. Returns (b, d)."""
+    _check_tensor(name, t, 2)
+    _check_float(name, t)
+    _check_last_dim_contiguous(name, t)
+    _check_same_device(name, t, t.device)
+    _check_batch(name, t.shape[0])
+    return t.shape[0], t.shape[1]
+
+
 def check_gather_gemv_args(x, w1, idx, w2=None, b1=None, activation: str = "swiglu") -> None:
     """Raise ValueError/TypeError, naming the argument, unless the inputs are supported."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    _check_tensor("x", x, 2)
-    _check_float("x", x)
-    _check_last_dim_contiguous("x", x)
-    _check_same_device("x", x, x.device)
-    b, d = x.shape
-    _check_batch("x", b)
+    b, d = _check_token_rows("x", x)
     _check_tensor("w1", w1, 2)
     _check_float("w1", w1)
     if w1.shape[1] != d:

@@ -40,12 +40,12 @@ import triton.language as tl
 
 from .gather_gemv import (
     BACKENDS,
-    _check_batch,
     _check_float,
     _check_last_dim_contiguous,
     _check_no_grad,
     _check_same_device,
     _check_tensor,
+    _check_token_rows,
     _device_guard,
     _require_triton_device,
     _use_fixed_config,
@@ -76,12 +76,7 @@ def check_shadow_args(bits: int, x, q_gate, s_gate, q_up, s_up, gate_bias=None, 
     """Raise ValueError/TypeError, naming the argument, unless the inputs are supported."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r} (relu_fc/OPT has no gate to shadow)")
-    _check_tensor("x", x, 2)
-    _check_float("x", x)
-    _check_last_dim_contiguous("x", x)
-    _check_same_device("x", x, x.device)
-    b, d = x.shape
-    _check_batch("x", b)
+    b, d = _check_token_rows("x", x)
     for name, q, s in (("q_gate", q_gate, s_gate), ("q_up", q_up, s_up)):
         sname = "s" + name[1:]
         _check_tensor(name, q, 2)

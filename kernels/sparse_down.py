@@ -36,13 +36,13 @@ import triton.language as tl
 
 from .gather_gemv import (
     BACKENDS,
-    _check_batch,
     _check_float,
     _check_idx,
     _check_last_dim_contiguous,
     _check_no_grad,
     _check_same_device,
     _check_tensor,
+    _check_token_rows,
     _device_guard,
     _require_triton_device,
     _use_fixed_config,
@@ -71,11 +71,7 @@ def _check_w3t(w3t, device: torch.device) -> None:
 
 def check_sparse_down_args(h, w3t, idx) -> None:
     """Raise ValueError/TypeError, naming the argument, unless the inputs are supported."""
-    _check_tensor("h", h, 2)
-    _check_float("h", h)
-    _check_last_dim_contiguous("h", h)
-    _check_same_device("h", h, h.device)
-    _check_batch("h", h.shape[0])
+    _check_token_rows("h", h)
     _check_w3t(w3t, h.device)
     _check_idx(idx, h.device)
     if h.shape[1] != idx.shape[0]:
