@@ -13,6 +13,7 @@ import numpy as np
 
 from offload.errors import ArtifactError, CheckpointError, OffloadError
 from offload.place.report import DEFAULT_GPU, build_report, format_report_table, gpu_bandwidth, plot_report
+from offload.prepare import PREDICTOR_FILE, PROFILE_FILE
 from offload.units import parse_memory_size
 
 
@@ -147,7 +148,7 @@ def run_report(args, *, load_frequencies=None, out=None) -> int:
     config, identity = model_sizes(args.model, local_files_only=args.local_files_only, revision=args.revision)
     profile = args.profile
     if profile is None:
-        cached = os.path.join(model_cache_dir(identity, create=False), "profile.safetensors")
+        cached = os.path.join(model_cache_dir(identity, create=False), PROFILE_FILE)
         profile = cached if os.path.isfile(cached) else None
     freqs = (load_frequencies or load_profile_frequencies)(profile, identity) if profile else None
     if predictor is None:
@@ -174,7 +175,7 @@ def cached_predictor_bytes(identity: str, layers: int) -> int:
     from offload.cache import model_cache_dir
     from offload.checkpoint import read_safetensors_header
 
-    path = os.path.join(model_cache_dir(identity, create=False), "predictor.safetensors")
+    path = os.path.join(model_cache_dir(identity, create=False), PREDICTOR_FILE)
     if not os.path.isfile(path):
         return 0
     header = read_safetensors_header(path)
