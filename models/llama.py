@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from offload.errors import UnsupportedModelError
-from offload.models.common import (KVCache, RMSNorm, apply_rope, cached_attention, empty_param, linear, param_loader,
-                                   rope_inv_freq, rope_tables)
+from offload.models.common import (KVCache, RMSNorm, _cpu_ops, apply_rope, cached_attention, empty_param, linear,
+                                   one_token_cpu_decode, param_loader, rope_inv_freq, rope_tables)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # hidden_act → how the FFN combines gate g and up u before down_proj.
@@ -157,6 +158,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int):
         b, t, _ = x.shape
+        if cache is not None and one_token_cpu_decode(x) and cache.k.dtype == torch.float32:
+            # One numba call for RoPE, the cache write and attention (offload.cpu_ops.attend_one).
+            qkv = linear(x, self.qkv, self.qkv_bias).reshape(-1).numpy()
+            out = np.empty(self.h * self.hd, np.float32)
+            _cpu_ops().attend_one(qkv, cos[0].numpy(), sin[0].numpy(), cache.k[layer, 0].numpy(), cache.v[layer, 0].numpy(),
+                       start, self.h, self.kvh, out)
+            return linear(torch.from_numpy(out).view(1, 1, -1), self.o, self.o_bias)
         qkv = linear(x, self.qkv, self.qkv_bias).view(b, t, self.h + 2 * self.kvh, self.hd).transpose(1, 2)
         # RoPE on the q and k heads together (one set of ops instead of two): [b, h + kvh, t, hd].
         qk = apply_rope(qkv[:, : self.h + self.kvh], cos, sin)
@@ -184,6 +192,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.config = cfg
+        self.dtype = dtype  # of activations and the KV cache (weights may be stored in fp16: offload.half)
         self.embed = empty_param((cfg.vocab_size, cfg.hidden_size), dtype, device)
         self.layers = nn.ModuleList(Block(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -199,7 +208,7 @@ class LlamaModel(nn.Module):
     def new_cache(self, batch: int, max_len: int, device=None) -> KVCache:
         c = self.config
         return KVCache.allocate(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
-                                self.embed.dtype, device or self.embed.device)
+                                self.dtype, device or self.embed.device)
 
     def _rope_for(self, start: int, t: int, dtype, device):
         end = start + t
@@ -211,7 +220,7 @@ class LlamaModel(nn.Module):
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """Final-norm hidden states [b, t, d]."""
-        x = F.embedding(ids, self.embed)
+        x = F.embedding(ids, self.embed).to(self.dtype)
         cos, sin = self._rope_for(start, ids.shape[1], x.dtype, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, start)

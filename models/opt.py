@@ -157,6 +157,7 @@ class OPTModel(nn.Module):
     def __init__(self, cfg: OPTConfig, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.config = cfg
+        self.dtype = dtype  # of activations and the KV cache (weights may be stored in fp16: offload.half)
         d, e = cfg.hidden_size, cfg.word_embed_proj_dim
         self.embed = empty_param((cfg.vocab_size, e), dtype, device)
         self.positions = empty_param((cfg.max_position_embeddings + POSITION_OFFSET, d), dtype, device)
@@ -173,14 +174,14 @@ class OPTModel(nn.Module):
     def new_cache(self, batch: int, max_len: int, device=None) -> KVCache:
         c = self.config
         return KVCache.allocate(c.num_hidden_layers, batch, c.num_attention_heads, max_len, c.head_dim,
-                                self.embed.dtype, device or self.embed.device)
+                                self.dtype, device or self.embed.device)
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        x = F.embedding(ids, self.embed)
+        x = F.embedding(ids, self.embed).to(self.dtype)
         if self.project_in is not None:
             x = linear(x, self.project_in)
         t = ids.shape[1]
-        x = x + self.positions[start + POSITION_OFFSET: start + POSITION_OFFSET + t]
+        x = x + self.positions[start + POSITION_OFFSET: start + POSITION_OFFSET + t].to(self.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i, start)
         if self.norm is not None:

@@ -56,30 +56,47 @@ def load_tokenizer(ckpt: Checkpoint):
     return tok
 
 
-def _fast_selector(predictor, selector, device: torch.device):
+def _fast_selector(predictor, selector, device: torch.device, spinning_pool: bool = False):
     """x [b, d] → sorted union over the batch of each token's selected neurons.
 
     Shadow predictors score from their packed int4/int8 bytes, never a dequantized fp32 copy (which
     reads 8x more and, on a GPU, would take memory the budget does not count): on the CPU with
     offload.lowbit's kernels, elsewhere with torch.ops.offload.shadow_scores_int{4,8} (Triton).
-    Other predictors use their own mask."""
+    Other predictors use their own mask. ``spinning_pool``: CPU-only decode where every kernel runs on
+    numba's pool (offload.hybrid.uses_spinning_pool): score on all of its threads."""
     from offload.predict.shadow import ShadowPredictor
 
     if not isinstance(predictor, ShadowPredictor):
         return lambda x: selector.mask(x).any(0).nonzero().flatten()
     if device.type == "cpu":
-        return _cpu_shadow_selector(predictor)
+        return _cpu_shadow_selector(predictor, spinning_pool)
     return device_shadow_selector(predictor, device)
 
 
-def _cpu_shadow_selector(predictor):
+def _cpu_shadow_selector(predictor, spinning_pool: bool):
     from offload.lowbit import shadow_from_predictor, topk_indices
     from offload.sparse import topk_count
 
-    shadow = shadow_from_predictor(predictor)
+    if spinning_pool:
+        from offload.half import pool_threads
+
+        shadow = shadow_from_predictor(predictor, threads=pool_threads(), pool="numba")
+    else:
+        shadow = shadow_from_predictor(predictor)
     k = topk_count(predictor.density, predictor.n)
     predictor.clear_cache()  # drop the fp32 copy the reference scorer may have built
-    return lambda x: torch.from_numpy(topk_indices(shadow.scores(x.detach().float().numpy()), k))
+    return CpuShadowSelector(lambda x: topk_indices(shadow.scores(x), k))
+
+
+class CpuShadowSelector:
+    """A selector with a NumPy entry point as well: ``ids(x [b, d] float32 ndarray)`` → sorted int64
+    ndarray, which the hybrid FFN's CPU decode path calls without torch conversions."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.ids(x.detach().float().numpy()))
 
 
 def device_shadow_selector(predictor, device: torch.device):
@@ -112,7 +129,7 @@ class OffloadedModel:
                  gpu_memory: int | None = None):
         self.model, self.tokenizer, self.checkpoint = model, tokenizer, checkpoint
         self.config = model.config
-        self.device, self.dtype = device, model.embed.dtype
+        self.device, self.dtype = device, model.dtype
         self.gpu_memory = gpu_memory
         self.last_stats = GenerationStats()
         self.placement = None  # set by offload(): the Placement in use
@@ -125,7 +142,7 @@ class OffloadedModel:
         swap every FFN for a HybridFFN. With device='cpu' the hot side runs on CPU torch.
         ``prepared``: artifacts from offload.prepare.prepare / prepare_from_tokens (default: prepare)."""
         from offload.prepare import prepare
-        from offload.hybrid import apply_placement
+        from offload.hybrid import apply_placement, uses_spinning_pool
         from offload.place.report import plan_and_place
 
         device = device or self.device
@@ -138,7 +155,8 @@ class OffloadedModel:
             context=min(context, self.max_context), dtype=str(hot_dtype).removeprefix("torch."),
             predictor_bytes=preds.nbytes // layers, identity=self.checkpoint.identity,
             device=device.type, shapes=self.checkpoint.shapes)
-        selectors = [_fast_selector(preds[i], preds.selector(i), device) for i in range(layers)]
+        spinning = uses_spinning_pool(self.model, device)
+        selectors = [_fast_selector(preds[i], preds.selector(i), device, spinning) for i in range(layers)]
         self.hybrid_stats = apply_placement(self.model, placement.hot, selectors, device=device, hot_dtype=hot_dtype)
         self.placement, self.device = placement, device
 
@@ -146,7 +164,7 @@ class OffloadedModel:
     def from_pretrained(cls, model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, gpu_memory: int | str | None = None,
                         local_files_only: bool = False, revision: str | None = None,
-                        context: int = 4096, progress: bool = True) -> "OffloadedModel":
+                        context: int = 4096, progress: bool = True, weights: str = "float32") -> "OffloadedModel":
         """Load ``model`` (hub repo id, local HF directory, ``.gguf`` file, or None for the embedded
         SmolLM2-135M-Instruct). Hub access honours ``HF_HUB_OFFLINE`` and ``local_files_only``.
 
@@ -154,18 +172,33 @@ class OffloadedModel:
         strings, "8GiB" = 8·2^30, "8GB" = 8·10^9) the hybrid runtime is applied: the profile and
         predictors are reused from the cache or built (progress bars), the placement is solved for the
         budget with a KV cache of ``context`` tokens, and every FFN is split into hot rows on
-        ``device`` and cold rows on the CPU (see :meth:`offload`)."""
+        ``device`` and cold rows on the CPU (see :meth:`offload`).
+
+        ``weights="float16"`` (CPU runs, fp32 activations): weight matrices are stored in fp16 and
+        widened in the kernels (:mod:`offload.half`), half the bytes a token reads; the cold rows
+        keep fp16 too. The default ``"float32"`` keeps transformers' fp32 numbers exactly."""
         budget = parse_memory_size(gpu_memory) if gpu_memory is not None else None
         device = torch.device(device if device is not None else "cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA GPU; use device='cpu'")
         dtype = _resolve_dtype(dtype, device)
+        if weights not in ("float32", "float16"):
+            raise ValueError(f"weights={weights!r}: expected 'float32' or 'float16'")
+        if weights == "float16" and (device.type != "cpu" or dtype != torch.float32):
+            raise ValueError("weights='float16' is for CPU runs with fp32 activations (device='cpu', "
+                             "dtype='float32'); on a GPU choose dtype='float16' instead")
+        if weights == "float16":
+            from offload.half import store_weights_fp16  # numba: imported only when used
         ckpt = open_checkpoint(model, revision=revision, local_files_only=local_files_only)
         if budget is None:  # dense: the whole model on the device
             net = build_model(ckpt, dtype=dtype, device=device, progress=progress)
+            if weights == "float16":
+                store_weights_fp16(net)
             return cls(net, load_tokenizer(ckpt), ckpt, device=device)
         # Hybrid: load dense on the CPU in fp32, then split every FFN between the device and the CPU.
         net = build_model(ckpt, dtype=torch.float32, device="cpu", progress=progress)
+        if weights == "float16":
+            store_weights_fp16(net)
         m = cls(net, load_tokenizer(ckpt), ckpt, device=torch.device("cpu"), gpu_memory=budget)
         m.offload(budget, device=device, hot_dtype=dtype, context=context, progress=progress)
         return m

@@ -1,9 +1,9 @@
 """The ``offload`` command: thin subcommands over the library.
 
-    offload generate [MODEL] --prompt TEXT [--chat] [--max-new-tokens N] [--seed S]
+    offload generate [MODEL] --prompt TEXT [--chat] [--max-new-tokens N] [--seed S] [--weights float16]
     offload report [MODEL] --gpu-memory 8GiB [--context 4096] [--json] [--plot FILE.png]
     offload prepare [MODEL] [--text FILE] [--rebuild]
-    offload eval [MODEL] [--text FILE] [--density D] [--json]
+    offload eval [MODEL] [--text FILE] [--density D] [--weights float16] [--json]
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float32 on cpu)")
     p.add_argument("--gpu-memory", default=None, help="GPU budget, e.g. 8GiB or 8GB")
+    p.add_argument("--weights", choices=("float32", "float16"), default="float32",
+                   help="CPU weight storage: float16 halves the bytes a token reads (fp32 math; default float32)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--local-files-only", action="store_true", help="never download; use the local hub cache")
 
@@ -32,7 +34,7 @@ def cmd_generate(args) -> int:
         raise OffloadError(f"--max-new-tokens={args.max_new_tokens}: expected an integer >= 0")
     m = OffloadedModel.from_pretrained(args.model, device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory,
                                        revision=args.revision, local_files_only=args.local_files_only,
-                                       context=args.context)
+                                       context=args.context, weights=args.weights)
     if args.chat:
         ids = m.chat_ids(args.prompt)
     else:

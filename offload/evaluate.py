@@ -186,6 +186,8 @@ def add_eval_arguments(p, model_arg: bool = True) -> None:
     p.add_argument("--window", type=int, default=256, help="perplexity window (default 256)")
     p.add_argument("--generate", type=int, default=32, help="greedy tokens per prompt for token agreement")
     p.add_argument("--prompts", type=int, default=3, help="prompts for token agreement (default 3)")
+    p.add_argument("--weights", choices=("float32", "float16"), default="float32",
+                   help="weight storage of the evaluated model (float16: what `generate --weights float16` runs)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -195,7 +197,8 @@ def _load(args):
     return OffloadedModel.from_pretrained(args.model, device=getattr(args, "device", None),
                                           dtype=getattr(args, "dtype", None),
                                           revision=getattr(args, "revision", None),
-                                          local_files_only=getattr(args, "local_files_only", False))
+                                          local_files_only=getattr(args, "local_files_only", False),
+                                          weights=getattr(args, "weights", "float32"))
 
 
 def _err(msg: str) -> None:

@@ -101,7 +101,7 @@ class HybridFFN(nn.Module):
 
     def __init__(self, mlp: nn.Module, hot_ids: Sequence[int] | np.ndarray, select: Selector | None, *,
                  device: torch.device | str, hot_dtype: torch.dtype, worker: ColdWorker, stats: HybridStats,
-                 backend: str = "auto", cold_threads: int | None = None):
+                 backend: str = "auto", cold_threads: int | None = None, cold_pool: str = "team"):
         super().__init__()
         kind, w1, w2, b1, down, out_bias = _ffn_sides(mlp)
         n, d = w1.shape
@@ -129,12 +129,16 @@ class HybridFFN(nn.Module):
         self.hot_bytes_per_neuron = (3 if w2 is not None else 2) * d * self.w1.element_size() + \
             (self.b1.element_size() if b1 is not None else 0)
 
+        # Cold rows keep 16-bit storage when the dense weights have it (offload.half; half the
+        # bytes per neuron, fp32 accumulation in the kernel), else fp32. The fc1 bias stays fp32.
         cold_t = torch.from_numpy(cold)
-        f32 = lambda t: t.detach().to("cpu", torch.float32).numpy()  # noqa: E731
-        self.cold = ColdFFN(f32(w1[cold_t]), None if w2 is None else f32(w2[cold_t]), f32(down[:, cold_t]),
-                            act=kind, bias=None if b1 is None else f32(b1[cold_t]),
-                            threads=cold_threads) if cold.size else None
-        self.cold_bytes_per_neuron = (3 if w2 is not None else 2) * d * 4 + (4 if b1 is not None else 0)
+        cold_dtype = torch.float16 if w1.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        host = lambda t, dt=cold_dtype: t.detach().to("cpu", dt).numpy()  # noqa: E731
+        self.cold = ColdFFN(host(w1[cold_t]), None if w2 is None else host(w2[cold_t]), host(down[:, cold_t]),
+                            act=kind, bias=None if b1 is None else host(b1[cold_t], torch.float32),
+                            threads=cold_threads, dtype=host(w1[:0]).dtype, pool=cold_pool) if cold.size else None
+        self.cold_bytes_per_neuron = (3 if w2 is not None else 2) * d * cold_dtype.itemsize + \
+            (4 if b1 is not None else 0)
 
     # -- the two sides -------------------------------------------------------------------------------
     def _hot(self, x2: torch.Tensor, hot_local: torch.Tensor) -> torch.Tensor:
@@ -155,7 +159,7 @@ class HybridFFN(nn.Module):
 
     def _cold_dense_torch(self, x: torch.Tensor) -> torch.Tensor:
         """Every cold neuron with torch matmuls over the bundled rows (views, no copy): x [t, d] fp32."""
-        W = torch.from_numpy(self.cold.W)  # [n_cold, m, d]
+        W = torch.from_numpy(self.cold.W).float()  # [n_cold, m, d] (a copy only for fp16 storage)
         if self.kind == "relu_fc":
             h = self._act(x @ W[:, 0].T + torch.from_numpy(self.cold.bias), None)
         else:
@@ -178,21 +182,27 @@ class HybridFFN(nn.Module):
                 fut = self.worker.submit(self.cold.forward_dense, x_np) if self.cold else None  # not in stats
             y = self._hot_dense(x2) if self.n_hot else None
         else:
-            active = self.select(x2).cpu().numpy()  # sorted global ids
-            hot_local = self.hot_pos[active]
-            hot_local = hot_local[hot_local >= 0]
-            cold_local = self.cold_pos[active]
-            cold_local = cold_local[cold_local >= 0]
+            ids = getattr(self.select, "ids", None)  # a NumPy entry point saves torch round trips
+            active = ids(x_np) if ids is not None else self.select(x2).cpu().numpy()  # sorted global ids
+            if self.n_hot == 0:  # every neuron is cold: local ids are the global ones
+                hot_local, cold_local = active[:0], active
+            else:
+                hot_local = self.hot_pos[active]
+                hot_local = hot_local[hot_local >= 0]
+                cold_local = self.cold_pos[active]
+                cold_local = cold_local[cold_local >= 0]
             st = self.stats
             st.decode_calls += 1
-            st.active_hot += int(hot_local.size)
-            st.active_cold += int(cold_local.size)
-            st.bytes_hot += int(hot_local.size) * self.hot_bytes_per_neuron
-            st.bytes_cold += int(cold_local.size) * self.cold_bytes_per_neuron
+            st.active_hot += hot_local.size
+            st.active_cold += cold_local.size
+            st.bytes_hot += hot_local.size * self.hot_bytes_per_neuron
+            st.bytes_cold += cold_local.size * self.cold_bytes_per_neuron
             fut = y = None
             if hot_local.size == 0 and cold_local.size and self.device.type == "cpu":
                 # Nothing to overlap with: run the cold part here, no thread hand-off.
-                fut = _Done(_Timed(self.cold.forward, self.stats)(x_np, cold_local))
+                t0 = time.perf_counter()
+                y = torch.from_numpy(self.cold.forward(x_np, cold_local))
+                st.cold_seconds += time.perf_counter() - t0
             elif cold_local.size:
                 fut = self.worker.submit(_Timed(self.cold.forward, self.stats), x_np, cold_local)
             if hot_local.size:
@@ -211,6 +221,17 @@ class HybridFFN(nn.Module):
         return y.to(x.dtype).reshape(shape)
 
 
+def uses_spinning_pool(model: nn.Module, device: torch.device | str) -> bool:
+    """Whether the CPU kernels of a hybrid ``model`` on ``device`` should run on numba's pool.
+
+    True when everything runs on the CPU with fp16 weights (offload.half): the attention GEMVs then
+    run on numba's pool, and the cold kernel and the predictor join it (its workers spin between
+    calls, which costs nothing when no other thread needs the cores, and one pool cannot spin
+    against another). Otherwise (a GPU to drive, or fp32 attention on OpenBLAS's own spinning pool)
+    the kernels use helper threads that sleep."""
+    return torch.device(device).type == "cpu" and ffn_weights(model.layers[0].mlp).down.dtype == torch.float16
+
+
 def apply_placement(model: nn.Module, hot_ids: Sequence[np.ndarray], selectors: Sequence[Selector | None] | None,
                     *, device: torch.device | str = "cpu", hot_dtype: torch.dtype | None = None,
                     backend: str = "auto", cold_threads: int | None = None,
@@ -223,18 +244,20 @@ def apply_placement(model: nn.Module, hot_ids: Sequence[np.ndarray], selectors: 
         raise ValueError(f"placement has {len(hot_ids)} layers, the model {len(layers)}")
     selectors = list(selectors) if selectors is not None else [None] * len(layers)
     device = torch.device(device)
-    hot_dtype = hot_dtype or model.embed.dtype
-    if cold_threads is None and device.type == "cpu":
-        # All on the CPU, the cold kernel runs on the caller's thread (nothing to overlap with), and a
-        # second kernel thread would compete with OpenBLAS's spinning workers from the attention GEMVs:
-        # SmolLM2 all-cold decode measured 25.9 tok/s with 1 thread against 23.1 with 2.
+    hot_dtype = hot_dtype or model.dtype
+    cold_pool = "numba" if uses_spinning_pool(model, device) else "team"
+    if cold_threads is None and device.type == "cpu" and cold_pool == "team":
+        # All on the CPU in fp32, the cold kernel runs on the caller's thread (nothing to overlap with),
+        # and a second kernel thread would compete with OpenBLAS's spinning workers from the attention
+        # GEMVs: SmolLM2 all-cold decode measured 25.9 tok/s with 1 thread against 23.1 with 2.
         cold_threads = 1
     worker = worker or ColdWorker()
     stats = HybridStats()
     for i, layer in enumerate(layers):
         dense = layer.mlp
         layer.mlp = HybridFFN(dense, hot_ids[i], selectors[i], device=device, hot_dtype=hot_dtype,
-                              worker=worker, stats=stats, backend=backend, cold_threads=cold_threads)
+                              worker=worker, stats=stats, backend=backend, cold_threads=cold_threads,
+                              cold_pool=cold_pool)
         del dense  # its weights now live on the two sides
     model.to(device)  # embeddings, attention, norms, head (HybridFFN keeps plain tensors, not parameters)
     model.hybrid_worker = worker

@@ -82,7 +82,7 @@ from typing import Optional
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
@@ -580,6 +580,14 @@ def _i4_shadow_run(x, W, B, kind, lo, hi, out):
                 t0 += 1
 
 
+@njit(nogil=True, cache=_CACHE, parallel=True)
+def _i4_shadow_parallel(x, W, B, kind, parts, out):
+    """_i4_shadow_run over ``parts`` contiguous block ranges on numba's pool (CPU-only decode)."""
+    blocks = W.shape[0]
+    for c in prange(parts):
+        _i4_shadow_run(x, W, B, kind, blocks * c // parts, blocks * (c + 1) // parts, out)
+
+
 @njit(nogil=True, cache=_CACHE)
 def _i4_gemv_run(x, W, lo, hi, out):
     b = x.shape[0]
@@ -781,7 +789,9 @@ class Int4Shadow:
 
     Args: q_gate/q_up uint8 [n, d_pad/2] and s_gate/s_up fp16 [n, d_pad/32] (quantize_int4's
     output; NumPy arrays or CPU tensors), d (x's width; default d_pad), kind, optional gate/up
-    biases [n], threads (1 = the caller's thread only).
+    biases [n], threads (1 = the caller's thread only), pool (``"team"``: helper threads that sleep
+    between calls; ``"numba"``: numba's parallel pool, whose workers spin between calls, for CPU-only
+    decode).
 
     The prepared copy (``self.W``, 0.5625 bytes per weight like the input) does not reference the
     inputs, which may be freed.
@@ -790,8 +800,11 @@ class Int4Shadow:
     bits = 4
 
     def __init__(self, q_gate, s_gate, q_up, s_up, d: Optional[int] = None, kind: str = "swiglu",
-                 gate_bias=None, up_bias=None, threads: Optional[int] = 1):
+                 gate_bias=None, up_bias=None, threads: Optional[int] = 1, pool: str = "team"):
         qg, sg, qu, su = (_np(q_gate, "q_gate"), _np(s_gate, "s_gate"), _np(q_up, "q_up"), _np(s_up, "s_up"))
+        if pool not in ("team", "numba"):
+            raise ValueError(f"pool must be 'team' or 'numba', got {pool!r}")
+        self.pool = pool
         d_pad, G = _check_int4("gate", qg, sg)
         if qu.shape != qg.shape or su.shape != sg.shape:
             raise ValueError(f"up must have the gate's shapes {qg.shape}, {sg.shape}; got {qu.shape}, {su.shape}")
@@ -824,8 +837,11 @@ class Int4Shadow:
         """[b, n] float32 scores for x [d] or [b, d]."""
         xa = _check_x(x, self.d)
         out = _out(out, (xa.shape[0], self.n))
-        _run_split(_i4_shadow_run, self.blocks, self.threads,
-                   lambda lo, hi: (xa, self.W, self.B, self.code, lo, hi, out))
+        if self.pool == "numba" and self.threads > 1:
+            _i4_shadow_parallel(xa, self.W, self.B, self.code, min(self.threads, self.blocks), out)
+        else:
+            _run_split(_i4_shadow_run, self.blocks, self.threads,
+                       lambda lo, hi: (xa, self.W, self.B, self.code, lo, hi, out))
         return out
 
 
@@ -943,16 +959,17 @@ def int4_gemv(x, packed, scales, d: Optional[int] = None, threads: Optional[int]
     return Int4Matrix(packed, scales, d, threads).matvec(xa)
 
 
-def shadow_from_predictor(pred, threads: Optional[int] = 1):
+def shadow_from_predictor(pred, threads: Optional[int] = 1, pool: str = "team"):
     """Int4Shadow or Int8Shadow from an offload.predict.shadow.ShadowPredictor (duck-typed: kind, d,
-    bits, group, q_gate, s_gate, q_up, s_up, gate_bias, up_bias)."""
+    bits, group, q_gate, s_gate, q_up, s_up, gate_bias, up_bias). ``pool`` applies to int4 only."""
     if getattr(pred, "group", GROUP) != GROUP and pred.bits == 4:
         raise ValueError(f"the int4 kernel needs groups of {GROUP}, the predictor has {pred.group}")
     cls = {4: Int4Shadow, 8: Int8Shadow}.get(int(pred.bits))
     if cls is None:
         raise ValueError(f"bits={pred.bits}: expected 4 or 8")
-    return cls(pred.q_gate, pred.s_gate, pred.q_up, pred.s_up, pred.d, pred.kind,
-               getattr(pred, "gate_bias", None), getattr(pred, "up_bias", None), threads)
+    args = (pred.q_gate, pred.s_gate, pred.q_up, pred.s_up, pred.d, pred.kind,
+            getattr(pred, "gate_bias", None), getattr(pred, "up_bias", None), threads)
+    return cls(*args, pool=pool) if cls is Int4Shadow else cls(*args)
 
 
 @njit(nogil=True, cache=_CACHE)

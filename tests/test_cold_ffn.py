@@ -46,6 +46,36 @@ def check(cold, x, idx, layer, act):
     return y
 
 
+@_needs_numba
+@pytest.mark.parametrize("pool", ["team", "numba"])
+@pytest.mark.parametrize("act", KINDS)
+@pytest.mark.parametrize("n,d", [(200, 64), (131, 67)])
+def test_fp16_storage_matches_reference(act, pool, n, d, monkeypatch):
+    """fp16-stored bundles (widened in the kernel, fp32 accumulation) against the float64 reference on
+    the same fp16-rounded weights, on both thread pools, every call split."""
+    monkeypatch.setattr(ffn_mod, "MIN_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(ffn_mod, "MIN_BYTES_PER_THREAD_SPINNING", 1)
+    monkeypatch.setattr(ffn_mod, "BLOCK_BYTES", 1)
+    gate, up, down, bias = make_layer(act, n, d, seed=n)
+    cold = ColdFFN(gate, up, down, act=act, bias=bias, threads=2, dtype=np.float16, pool=pool)
+    assert cold.W.dtype == np.float16 and cold.bytes_per_neuron == cold.m * d * 2
+    rounded = tuple(None if w is None else w.astype(np.float16).astype(np.float32) for w in (gate, up, down))
+    rng = np.random.default_rng(2)
+    for b in (1, 3, 8):
+        x = rng.standard_normal((b, d)).astype(np.float32)
+        for idx in (np.arange(n), np.sort(rng.choice(n, n // 3, replace=False)), np.array([], np.int64)):
+            ref = reference_forward(x, idx, *rounded, act, bias)
+            np.testing.assert_allclose(cold.forward(x, idx), ref, **TOL)
+        np.testing.assert_allclose(cold.forward_dense(x), reference_forward(x, np.arange(n), *rounded, act, bias),
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(IndexError):
+        cold.forward(x, np.array([0, n]))
+    with pytest.raises(ValueError, match="pool"):
+        ColdFFN(gate, up, down, act=act, bias=bias, pool="omp")
+    with pytest.raises(ValueError, match="dtype"):
+        ColdFFN(gate, up, down, act=act, bias=bias, dtype=np.float64)
+
+
 @pytest.mark.parametrize("backend,split", PATHS)
 @pytest.mark.parametrize("act", KINDS)
 @pytest.mark.parametrize("n,d", [(200, 64), (131, 67), (37, 5)])

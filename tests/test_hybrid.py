@@ -12,6 +12,8 @@ from offload.checkpoint import open_checkpoint
 from offload.hybrid import apply_placement
 from offload.loading import build_model
 
+from helpers import greedy_logits
+
 
 def oracle_relu(mlp):
     """Exact activity of a ReLU-family FFN: neurons whose activation is non-zero for any token."""
@@ -35,32 +37,18 @@ def placements(n, layers, rng):
     yield "random", [np.sort(rng.choice(n, size=rng.integers(1, n), replace=False)) for _ in range(layers)]
 
 
-def generate_greedy(model, ids, steps):
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + steps)
-    out = []
-    with torch.no_grad():
-        logits = model(ids, cache, 0)
-        out.append(logits)
-        tok = logits[:, -1].argmax(-1, keepdim=True)
-        for s in range(steps):
-            logits = model(tok, cache, ids.shape[1] + s)
-            out.append(logits)
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-    return torch.cat(out, dim=1)
-
-
 @pytest.mark.parametrize("kind", ["llama_relu", "opt"])
 def test_relu_models_equal_dense(tiny_checkpoint, kind):
     dense = build_model(open_checkpoint(tiny_checkpoint(kind)), progress=False)
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
-    expected = generate_greedy(dense, ids, 6)
+    expected = greedy_logits(dense, ids, 6)
     rng = np.random.default_rng(0)
     n = dense.config.intermediate_size
     for name, hot in placements(n, len(dense.layers), rng):
         model = copy.deepcopy(dense)
         selectors = [oracle_relu(copy.deepcopy(layer.mlp)) for layer in dense.layers]
         stats = apply_placement(model, hot, selectors, device="cpu")
-        got = generate_greedy(model, ids, 6)
+        got = greedy_logits(model, ids, 6)
         assert (got - expected).abs().max().item() <= 1e-5, name
         assert stats.decode_calls == 6 * len(dense.layers)
         if name == "all-hot":
@@ -95,12 +83,12 @@ def test_swiglu_matches_sparse_semantics(tiny_checkpoint):
     dense = build_model(open_checkpoint(tiny_checkpoint("llama")), progress=False)
     selectors = [topk_selector(copy.deepcopy(layer.mlp), 0.4) for layer in dense.layers]
     ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(3))
-    expected = generate_greedy(sparse_reference(dense, selectors), ids, 5)
+    expected = greedy_logits(sparse_reference(dense, selectors), ids, 5)
     rng = np.random.default_rng(1)
     for name, hot in placements(dense.config.intermediate_size, len(dense.layers), rng):
         model = copy.deepcopy(dense)
         apply_placement(model, hot, selectors, device="cpu")
-        got = generate_greedy(model, ids, 5)
+        got = greedy_logits(model, ids, 5)
         assert (got - expected).abs().max().item() <= 1e-5, name
         model.hybrid_worker.close()
 
@@ -108,8 +96,8 @@ def test_swiglu_matches_sparse_semantics(tiny_checkpoint):
 def test_no_selector_is_dense(tiny_checkpoint):
     dense = build_model(open_checkpoint(tiny_checkpoint("llama")), progress=False)
     ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
-    expected = generate_greedy(dense, ids, 3)
+    expected = greedy_logits(dense, ids, 3)
     model = copy.deepcopy(dense)
     apply_placement(model, [np.arange(0, 96, 2)] * 2, None, device="cpu")
-    assert (generate_greedy(model, ids, 3) - expected).abs().max().item() <= 1e-5
+    assert (greedy_logits(model, ids, 3) - expected).abs().max().item() <= 1e-5
     model.hybrid_worker.close()

@@ -216,6 +216,10 @@ def test_threads_give_identical_results(cls):
     one = cls(qg, sg, qu, su, threads=1).scores(x)
     for t in (2, 3, 40):  # more threads than blocks: capped
         np.testing.assert_array_equal(cls(qg, sg, qu, su, threads=t).scores(x), one)
+    if cls is Int4Shadow:  # numba's pool (CPU-only decode) splits the same blocks
+        np.testing.assert_array_equal(cls(qg, sg, qu, su, threads=2, pool="numba").scores(x), one)
+        with pytest.raises(ValueError, match="pool"):
+            cls(qg, sg, qu, su, pool="omp")
 
 
 def test_topk_indices():

@@ -12,9 +12,12 @@ for ``relu_fc``: fc1 row, fc2 column), so one neuron is one contiguous 48 KiB re
 and every byte is read exactly once per call (rows stay in L1/L2 across the b tokens).
 
 The kernel is serial and releases the GIL; :mod:`offload.cold.ffn` splits ``idx`` across its own
-blocking helper threads. It does *not* use ``parallel=True``/``prange``: numba's OpenMP layer
-busy-waits ~12 ms of CPU after every parallel region (measured here), which on a 2-core machine
-steals a core from the thread driving the GPU after every layer.
+blocking helper threads (``pool="team"``). Only CPU-only decode uses ``parallel=True``/``prange``
+(:func:`cold_parallel`, ``pool="numba"``): numba's OpenMP layer busy-waits ~12 ms of CPU after
+every parallel region (measured here), which on a 2-core machine would steal a core from the thread
+driving the GPU after every layer, but costs nothing when the CPU does all the work.
+
+Weights are float32, or uint16 holding fp16 bits (:func:`as_f32` widens them in registers).
 
 ReLU kinds skip reads that cannot contribute: ``relu`` reads the up row and down column only
 when some token has gate > 0, ``drelu`` likewise and skips the down column when relu(up) is 0
@@ -29,12 +32,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from llvmlite import ir
 
 # activation codes; must match offload.cold.ffn.KINDS order
 SWIGLU, RELU, DRELU, RELU_FC = 0, 1, 2, 3
+# cold_chunk prefetches up to this many bytes of each row of the next active neuron
+PREFETCH_ROW_BYTES = 2048
 # per-thread status words in ctl[2 + tid]
 NOT_STARTED, WORKING, FINISHED = 0, 1, 2
 
@@ -54,11 +60,72 @@ def _fetch_add(typingctx, arr, i, v):
     return sig, codegen
 
 
+@intrinsic
+def as_f32(typingctx, v):
+    """float32 of a weight element: uint16 holds fp16 bits (widened exactly), float32 passes through."""
+    if v == types.uint16:
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(types.uint16), codegen
+    if v == types.float32:
+        def codegen(context, builder, sig, args):
+            return args[0]
+        return types.float32(types.float32), codegen
+    return None
+
+
+@intrinsic
+def _prefetch_bytes(typingctx, arr, start, nbytes):
+    """Ask the cache for ``nbytes`` of ``arr``'s data from flat element ``start`` on (one prefetch
+    per 64-byte line; never faults). Rows picked by a sparse index defeat the hardware prefetcher,
+    so the kernels request the next row themselves."""
+    if not isinstance(arr, types.Array):
+        return None
+    sig = types.void(arr, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        base = builder.bitcast(ary.data, i8p)
+        itemsize = context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))
+        base = builder.gep(base, [builder.mul(args[1], ir.Constant(args[1].type, itemsize))])
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        with cgutils.for_range_slice(builder, ir.Constant(args[2].type, 0), args[2], ir.Constant(args[2].type, 64)) \
+                as (off, _):
+            builder.call(fn, [builder.gep(base, [off]), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch_line(typingctx, arr, start):
+    """Ask the cache for the 64-byte line holding flat element ``start`` of ``arr`` (never faults)."""
+    if not isinstance(arr, types.Array):
+        return None
+    sig = types.void(arr, types.intp)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        itemsize = context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))
+        ptr = builder.gep(builder.bitcast(ary.data, i8p), [builder.mul(args[1], ir.Constant(args[1].type, itemsize))])
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(nogil=True, fastmath=True, cache=True, inline="always")
 def _dot(a, b):
     s = np.float32(0.0)
     for j in range(a.shape[0]):
-        s += a[j] * b[j]
+        s += as_f32(a[j]) * b[j]
     return s
 
 
@@ -68,8 +135,8 @@ def _dot2(a, c, b):
     s = np.float32(0.0)
     t = np.float32(0.0)
     for j in range(b.shape[0]):
-        s += a[j] * b[j]
-        t += c[j] * b[j]
+        s += as_f32(a[j]) * b[j]
+        t += as_f32(c[j]) * b[j]
     return s, t
 
 
@@ -79,7 +146,7 @@ def _dot_x4(a, x, t):
     x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
     s0 = s1 = s2 = s3 = np.float32(0.0)
     for j in range(a.shape[0]):
-        v = a[j]
+        v = as_f32(a[j])
         s0 += v * x0[j]
         s1 += v * x1[j]
         s2 += v * x2[j]
@@ -93,8 +160,8 @@ def _dot2_x4(a, c, x, t):
     x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
     s0 = s1 = s2 = s3 = r0 = r1 = r2 = r3 = np.float32(0.0)
     for j in range(a.shape[0]):
-        v = a[j]
-        w = c[j]
+        v = as_f32(a[j])
+        w = as_f32(c[j])
         y = x0[j]
         s0 += v * y
         r0 += w * y
@@ -141,7 +208,8 @@ def _dot_rows(a, x, out):
 def _axpy4(acc, d0, d1, d2, d3, h0, h1, h2, h3):
     """acc += h0*d0 + h1*d1 + h2*d2 + h3*d3: one load/store of acc for four neurons."""
     for j in range(acc.shape[0]):
-        acc[j] += h0 * d0[j] + h1 * d1[j] + h2 * d2[j] + h3 * d3[j]
+        acc[j] += (h0 * as_f32(d0[j]) + h1 * as_f32(d1[j]) + h2 * as_f32(d2[j])
+                   + h3 * as_f32(d3[j]))
 
 
 @njit(nogil=True, fastmath=True, cache=True, inline="always")
@@ -161,14 +229,14 @@ def _flush(W, pend, npend, h, acc):
                 if ht != 0:
                     a_t = acc[t]
                     for j in range(dr.shape[0]):
-                        a_t[j] += ht * dr[j]
+                        a_t[j] += ht * as_f32(dr[j])
 
 
 @njit(nogil=True, fastmath=True, cache=True)
 def cold_chunk(W, x, idx, lo, hi, kind, bias, acc, h):
     """Accumulate neurons ``idx[lo:hi]`` into ``acc`` (one thread, a fixed range).
 
-    W    float32 [n, m, d]  bundled rows (C-contiguous)
+    W    float32 or uint16 (fp16 bits) [n, m, d]  bundled rows (C-contiguous)
     x    float32 [b, d]     layer input, one row per token
     idx  int64   [k]        local neuron ids
     kind int                SWIGLU / RELU / DRELU / RELU_FC
@@ -191,11 +259,18 @@ def cold_chunk(W, x, idx, lo, hi, kind, bias, acc, h):
     pend = np.empty(4, np.int64)
     npend = 0
     u = h[4]  # one row of dot products
+    m, d = W.shape[1], W.shape[2]
+    ahead = min(d * W.itemsize, PREFETCH_ROW_BYTES)
     for p in range(lo, hi):
         i = idx[p]
         if i < 0 or i >= n:
             bad += 1
             continue
+        if p + 1 < hi:  # the next active neuron's rows: a jump the hardware prefetcher cannot guess
+            nxt = idx[p + 1]
+            if 0 <= nxt < n:
+                for r in range(m):
+                    _prefetch_bytes(W, (nxt * m + r) * d, ahead)
         hq = h[npend]
         live = False
         if kind == SWIGLU:
@@ -260,10 +335,22 @@ def cold_run(W, x, idx, ctl, tid, block, kind, bias, acc, h):
     return bad
 
 
-def warmup() -> None:
-    """Compile (or load from the cache) both kernels for the one signature they are used with,
-    so the first real call, on the critical path of a token, does not pay for it."""
-    W = np.zeros((4, 3, 8), np.float32)
+@njit(nogil=True, fastmath=True, cache=True, parallel=True)
+def cold_parallel(W, x, idx, ctl, block, kind, bias, parts, scratch):
+    """cold_run on every thread of numba's pool (OpenMP; its workers spin between calls, so this is
+    for CPU-only decode). Thread j accumulates into parts[j]. Returns the out-of-range count."""
+    nt = parts.shape[0]
+    bad = np.zeros(nt, np.int64)
+    for tid in prange(nt):
+        bad[tid] = cold_run(W, x, idx, ctl, tid, block, kind, bias, parts[tid], scratch[tid])
+    return bad.sum()
+
+
+def warmup(dtype=np.float32) -> None:
+    """Compile (or load from the cache) both kernels for the signature they are used with
+    (weights float32, or uint16 holding fp16 bits), so the first real call, on the critical path
+    of a token, does not pay for it."""
+    W = np.zeros((4, 3, 8), dtype)
     x = np.zeros((1, 8), np.float32)
     idx = np.arange(4, dtype=np.int64)
     bias = np.zeros(0, np.float32)
@@ -271,3 +358,5 @@ def warmup() -> None:
     h = np.zeros((5, 1), np.float32)
     cold_chunk(W, x, idx, 0, 4, SWIGLU, bias, acc, h)
     cold_run(W, x, idx, np.zeros(3, np.int64), 0, 1, SWIGLU, bias, acc, h)
+    cold_parallel(W, x, idx, np.zeros(4, np.int64), 1, SWIGLU, bias, np.zeros((2, 1, 8), np.float32),
+                  np.zeros((2, 5, 1), np.float32))

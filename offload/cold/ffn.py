@@ -80,6 +80,8 @@ KINDS = ("swiglu", "relu", "drelu", "relu_fc")  # index = kernel code in _numba
 
 # the sparse call is split over threads only when each gets at least this many bytes of rows
 MIN_BYTES_PER_THREAD = 512 * 1024
+# … with pool="numba" (workers spinning, hand-offs of microseconds)
+MIN_BYTES_PER_THREAD_SPINNING = 64 * 1024
 # split calls hand out work in blocks of about this many bytes of rows
 BLOCK_BYTES = 192 * 1024
 # keep helper threads off the CPU the calling thread is on (see _Team)
@@ -330,15 +332,21 @@ class ColdFFN:
         act: one of :data:`KINDS`.
         bias: [n] fc1 bias, required for ``relu_fc`` and refused otherwise.
         threads: threads per call (the caller's plus helpers); default min(CPUs, 8).
+        pool: ``"team"``: the caller plus helper threads that sleep between calls (nothing spins;
+            for hybrid runs, where the caller drives the GPU meanwhile), or ``"numba"``: numba's
+            parallel pool (OpenMP workers spin for a while after a call, so hand-offs cost
+            microseconds; for CPU-only decode, where nothing else wants the cores).
+        dtype: storage of the bundled weights, ``np.float32`` or ``np.float16`` (half the bytes
+            per active neuron; the kernel widens to fp32 in registers and accumulates in fp32).
         backend: ``"numba"`` (fused kernel), ``"numpy"`` (blocked gather + BLAS, slow), or
             ``"auto"`` (numba when installed).
 
-    The weights are copied once into the bundled fp32 layout ``W[n, m, d]``; the arguments can be
-    freed afterwards. Indices given to :meth:`forward` are local (0..n-1).
+    The weights are copied once into the bundled layout ``W[n, m, d]`` (``dtype``); the arguments
+    can be freed afterwards. Indices given to :meth:`forward` are local (0..n-1).
     """
 
     def __init__(self, gate, up, down, *, act: str = "swiglu", bias=None,
-                 threads: Optional[int] = None, backend: str = "auto"):
+                 threads: Optional[int] = None, backend: str = "auto", dtype=np.float32, pool: str = "team"):
         if act not in KINDS:
             raise ValueError(f"unknown activation {act!r}; expected one of {KINDS}")
         gate = np.asarray(gate)
@@ -359,14 +367,16 @@ class ColdFFN:
             if up.shape != (n, d):
                 raise ValueError(f"up must be [n, d] = {(n, d)}, got {up.shape}")
             m = 3
-        W = np.empty((n, m, d), dtype=np.float32)
+        if np.dtype(dtype) not in (np.float32, np.float16):
+            raise ValueError(f"dtype must be float32 or float16, got {np.dtype(dtype)}")
+        W = np.empty((n, m, d), dtype=dtype)
         W[:, 0] = gate
         if m == 3:
             W[:, 1] = up
         W[:, m - 1] = down.T
-        self._setup(W, act, bias, threads, backend)
+        self._setup(W, act, bias, threads, backend, pool)
 
-    def _setup(self, W, act, bias, threads, backend):
+    def _setup(self, W, act, bias, threads, backend, pool="team"):
         if act not in KINDS:
             raise ValueError(f"unknown activation {act!r}; expected one of {KINDS}")
         n, m, d = W.shape
@@ -378,12 +388,19 @@ class ColdFFN:
                 raise ValueError(f"bias must be [n] = ({n},), got {bias.shape}")
         elif bias is not None:
             raise ValueError(f"bias is only for relu_fc, not {act}")
+        if pool not in ("team", "numba"):
+            raise ValueError(f"pool must be 'team' or 'numba', got {pool!r}")
+        self.pool = pool
         if backend == "auto":
             backend = "numba" if numba_available() else "numpy"
         if backend not in ("numba", "numpy"):
             raise ValueError(f"backend must be 'auto', 'numba' or 'numpy', got {backend!r}")
+        if W.dtype not in (np.float32, np.float16):
+            raise ValueError(f"bundled weights must be float32 or float16, got {W.dtype}")
         if backend == "numba":
             _load_numba()
+            if W.dtype == np.float16:
+                _numba.warmup(np.uint16)
         self.backend = backend
         self.act = act
         self._code = KINDS.index(act)
@@ -392,19 +409,21 @@ class ColdFFN:
         if self.threads < 1:
             raise ValueError("threads must be >= 1")
         self.W = W
+        self._Wk = W.view(np.uint16) if W.dtype == np.float16 else W  # what the kernels read
         self.bias = bias if bias is not None else np.zeros(0, np.float32)
 
     @classmethod
     def from_bundled(cls, W, *, act: str = "swiglu", bias=None, threads: Optional[int] = None,
-                     backend: str = "auto") -> "ColdFFN":
+                     backend: str = "auto", pool: str = "team") -> "ColdFFN":
         """Wrap an already bundled ``W[n, m, d]`` (``self.W`` of another instance, or loaded
-        from a file); no copy when it is float32 and C-contiguous."""
-        W = np.ascontiguousarray(W, dtype=np.float32)
+        from a file); no copy when it is float32 or float16 and C-contiguous."""
+        W = np.asarray(W)
+        W = np.ascontiguousarray(W, dtype=W.dtype if W.dtype in (np.float16, np.float32) else np.float32)
         m = 2 if act == "relu_fc" else 3
         if W.ndim != 3 or W.shape[1] != m:
             raise ValueError(f"bundled weights for {act} must be [n, {m}, d], got {W.shape}")
         self = cls.__new__(cls)
-        self._setup(W, act, bias, threads, backend)
+        self._setup(W, act, bias, threads, backend, pool)
         return self
 
     # views in HF shapes (no copies)
@@ -422,15 +441,15 @@ class ColdFFN:
 
     @property
     def bytes_per_neuron(self) -> int:
-        return self.m * self.d * 4
+        return self.m * self.d * self.W.itemsize
 
     @property
     def nbytes(self) -> int:
         return self.W.nbytes + self.bias.nbytes
 
     def __repr__(self):
-        return (f"ColdFFN(act={self.act!r}, n={self.n}, d={self.d}, threads={self.threads}, "
-                f"backend={self.backend!r}, {self.nbytes / 2**20:.1f} MiB)")
+        return (f"ColdFFN(act={self.act!r}, n={self.n}, d={self.d}, dtype={self.W.dtype}, "
+                f"threads={self.threads}, backend={self.backend!r}, {self.nbytes / 2**20:.1f} MiB)")
 
     # -----------------------------------------------------------------------------------------
 
@@ -472,10 +491,11 @@ class ColdFFN:
         k = idx.shape[0]
         b, d = x2.shape
         nbytes = k * self.bytes_per_neuron
-        nt = max(1, min(self.threads, nbytes // MIN_BYTES_PER_THREAD))
+        per_thread = MIN_BYTES_PER_THREAD if self.pool == "team" else MIN_BYTES_PER_THREAD_SPINNING
+        nt = max(1, min(self.threads, nbytes // per_thread))
         parts = np.zeros((nt, b, d), np.float32)
         scratch = np.empty((nt, 5, b), np.float32)
-        W, bias, code = self.W, self.bias, self._code
+        W, bias, code = self._Wk, self.bias, self._code
         if nt == 1:
             bad = _numba.cold_chunk(W, x2, idx, 0, k, code, bias, parts[0], scratch[0])
             if bad:
@@ -484,6 +504,11 @@ class ColdFFN:
         # dynamic split: threads claim blocks of ~BLOCK_BYTES from a shared atomic counter
         block = max(1, BLOCK_BYTES // self.bytes_per_neuron)
         ctl = np.zeros(2 + nt, np.int64)
+        if self.pool == "numba":
+            bad = _numba.cold_parallel(W, x2, idx, ctl, block, code, bias, parts, scratch)
+            if bad:
+                raise IndexError(f"{bad} neuron indices out of range [0, {self.n})")
+            return parts.sum(0)
         rets = _team(nt).run(
             _numba.cold_run,
             [(W, x2, idx, ctl, j, block, code, bias, parts[j], scratch[j]) for j in range(nt)],
@@ -502,12 +527,15 @@ class ColdFFN:
         b, d = x2.shape
         m = self.m
         out = np.zeros((b, d), np.float32)
-        buf = np.empty((min(block, idx.shape[0]), m, d), np.float32)
+        buf = np.empty((min(block, idx.shape[0]), m, d), np.float32)  # fp16 rows are widened here
         xt = x2.T
         for s in range(0, idx.shape[0], block):
             bi = idx[s:s + block]
             blk = buf[: bi.shape[0]]
-            np.take(self.W, bi, axis=0, out=blk)
+            if self.W.dtype == np.float32:
+                np.take(self.W, bi, axis=0, out=blk)
+            else:
+                blk[...] = self.W[bi]
             h = self._act(blk[:, 0] @ xt, (blk[:, 1] @ xt) if m == 3 else None,
                           self.bias[bi] if m == 2 else None)  # [kb, b]
             out += h.T @ blk[:, m - 1]
@@ -531,10 +559,11 @@ class ColdFFN:
         if x2.ndim != 2 or x2.shape[1] != self.d:
             raise ValueError(f"x must be [{self.d}] or [t, {self.d}], got {x.shape}")
         m = self.m
-        g = x2 @ self.W[:, 0].T  # [t, n]
+        W = self.W if self.W.dtype == np.float32 else self.W.astype(np.float32)  # a copy per prompt
+        g = x2 @ W[:, 0].T  # [t, n]
         if m == 3:
-            h = self._act(g, x2 @ self.W[:, 1].T, None)
+            h = self._act(g, x2 @ W[:, 1].T, None)
         else:
             h = np.maximum(g + self.bias, 0.0)
-        out = h @ self.W[:, m - 1]  # [t, d]
+        out = h @ W[:, m - 1]  # [t, d]
         return out[0] if vec else out
