@@ -1,22 +1,27 @@
 """llama-bench-style benchmark: prompt processing (pp) and generation (tg) across engines, one process.
 
-    python benchmarks/decode.py [--model X.gguf] [--budget BYTES] [--pp 128] [--tg 128] [--reps 3]
-                                [--threads 2] [--cpu-bandwidth BYTES_PER_S] [-o md|json]
+    python benchmarks/decode.py [--model X.gguf] [--device cpu|cuda] [--budget BYTES] [--pp 128]
+                                [--tg 128] [--reps 3] [--threads 2] [--cpu-bandwidth BYTES_PER_S] [-o md|json]
 
-Engines (repetitions alternate between them, so drift hits all alike):
+Engines (repetitions alternate between them, so drift hits all alike; benchmarks/baselines.py):
 
-* ``transformers``   dense fp32 AutoModelForCausalLM(gguf_file=...) on the CPU
-* ``offload dense``  OffloadedModel.from_pretrained(path)
-* ``offload hybrid`` a deep copy of the dense model, ``.offload(budget, device=cpu, prepared=prepare(...))``;
-                     default budget = plan.fixed_bytes + 1 (every FFN neuron cold: the fastest CPU setting)
-* ``layer-split``    llama.cpp's -ngl policy; identical to dense without CUDA → skipped (reported)
-* ``llama.cpp``      via llama_cpp (llama-cpp-python) if importable; otherwise skipped (reported)
+* ``transformers``        dense AutoModelForCausalLM(gguf_file=...): fp32 on the CPU (fp16 on the GPU if
+                          the whole model fits the budget)
+* ``accelerate``          transformers with device_map="auto", max_memory={0: budget} (CUDA only)
+* ``layer-split``         llama.cpp's -ngl policy on our engine (offload.layer_split; CUDA only)
+* ``llama.cpp``           llama-cpp-python on the same GGUF, if importable (an optional extra)
+* ``offload dense``       OffloadedModel.from_pretrained(path): fp32 weights
+* ``offload dense fp16``  the same with weights="float16" (CPU: fp16 storage, fp32 math)
+* ``offload hybrid``      ``.offload(budget, prepared=prepare(...))`` on a copy; on the CPU the default
+                          budget is plan.fixed_bytes + 1 (every FFN neuron cold); fp32 weights
+* ``offload hybrid fp16`` the same on the fp16-weight model (CPU only)
 
 Tests: ``pp<N>``: one prefill forward over N random token ids; ``tg<N>``: N new tokens after the chat
 prompt, EOS ignored; decode rate = (N - 1) tokens over the time after the first token.
 Columns: t/s mean ± sd over --reps, ratio to transformers, weight bytes read per decode token
-(dense: every weight incl. the head; hybrid: non-FFN weights + the FFN bytes the hybrid layers
-counted + the predictors), and the fraction of the bandwidth roofline (t/s ÷ (CPU bandwidth ÷ bytes)).
+(dense: every weight incl. the head, at its storage dtype; hybrid: non-FFN weights + the FFN bytes the
+hybrid layers counted + the predictors; llama.cpp: the GGUF file's size), and the fraction of the
+bandwidth roofline (t/s ÷ (CPU bandwidth ÷ bytes); CPU-only runs).
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -132,11 +139,108 @@ def unique_param_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())  # parameters() dedupes tied
 
 
+@dataclass
+class Engine:
+    """One row group: ``pp()`` and ``tg(n)`` return tokens/s; ``bytes_per_token()`` is read after the runs."""
+
+    name: str
+    pp: Callable[[], float]
+    tg: Callable[[int], float]
+    bytes_per_token: Callable[[], float | None]
+    budget: int | None = None
+
+
+def build_engines(args, path, log):
+    """(engines, skipped, context): every engine this machine can run, and why the others are skipped."""
+    import torch
+
+    import baselines as bl  # benchmarks/ is on sys.path
+    from offload import OffloadedModel
+    from offload.layer_split import apply_layer_split
+    from offload.place.memory import plan_memory
+    from offload.prepare import prepare
+
+    cuda = args.device == "cuda"
+    dense = OffloadedModel.from_pretrained(path, progress=False)
+    n_layers = len(dense.model.layers)
+    prepared = prepare(dense, progress=False)
+    pred_bytes = int(prepared.predictors.nbytes)
+    plan = plan_memory(dense.checkpoint.config, dtype="float16" if cuda else "float32", device=args.device,
+                       context=args.context, predictor_bytes=pred_bytes // n_layers, shapes=dense.checkpoint.shapes)
+    budget = args.budget if args.budget is not None else (plan.fixed_bytes + 1 if not cuda else None)
+    if budget is None:
+        raise SystemExit("--budget is required with --device cuda")
+    gen = torch.Generator().manual_seed(0)
+    pp_ids = torch.randint(0, dense.config.vocab_size, (1, args.pp), generator=gen)
+    tg_ids = dense.chat_ids(PROMPT)
+    engines, skipped = [], []
+    fits = plan.fixed_bytes + plan.ffn_bytes <= budget  # the whole model in the budget
+
+    def ours(name, m, budget=None, hybrid=False):
+        def pp():
+            m.generate(pp_ids, max_new_tokens=1, eos_token_id=[])
+            return m.last_stats.prefill_tokens_per_second
+
+        def tg(n):
+            m.generate(tg_ids, max_new_tokens=n, eos_token_id=[])
+            return m.last_stats.decode_tokens_per_second
+
+        def nbytes():
+            if not hybrid:
+                return unique_param_bytes(m.model)
+            h = m.hybrid_stats  # counted over the last tg run's decode steps
+            return hybrid_bytes_per_token(unique_param_bytes(m.model), h.bytes_hot + h.bytes_cold,
+                                          max(h.decode_calls // n_layers, 1), pred_bytes)
+        engines.append(Engine(name, pp, tg, nbytes, budget))
+
+    hf_device = "cuda" if cuda and fits else "cpu"
+    hf = bl.load_transformers(path, hf_device, torch.float16 if hf_device == "cuda" else torch.float32)
+    dense_bytes = unique_param_bytes(dense.model)
+    engines.append(Engine(f"transformers ({hf_device})", lambda: bl.transformers_pp(hf, pp_ids),
+                          lambda n: bl.transformers_tg(hf, tg_ids, n),
+                          lambda: dense_bytes // (2 if hf_device == "cuda" else 1)))
+    if cuda:
+        acc = bl.load_accelerate(path, budget)
+        engines.append(Engine("accelerate auto", lambda: bl.transformers_pp(acc, pp_ids),
+                              lambda n: bl.transformers_tg(acc, tg_ids, n), lambda: None, budget))
+        ls = OffloadedModel(copy.deepcopy(dense.model), dense.tokenizer, dense.checkpoint, device=torch.device("cpu"))
+        split = apply_layer_split(ls.model, budget, "cuda", context=args.context)
+        log(f"layer-split: {split.gpu_layers}/{split.layers} layers on the GPU, head {split.head_on_device}")
+        ours(f"layer-split ({split.gpu_layers}/{split.layers} layers)", ls, budget)
+    else:
+        skipped.append(("accelerate", "needs CUDA (device_map='auto' with a GPU max_memory)"))
+        skipped.append(("layer-split", "needs CUDA: without a GPU every layer stays on the CPU (= offload dense)"))
+    if bl.llama_cpp_available():
+        ngl = split.gpu_layers + (1 if split.head_on_device else 0) if cuda else 0
+        lc = bl.LlamaCpp(path, args.threads, n_ctx=max(args.context, args.pp + args.tg + 64), n_gpu_layers=ngl)
+        gguf_bytes = os.path.getsize(path)
+        engines.append(Engine(f"llama.cpp (ngl {ngl})", lambda: lc.pp(pp_ids), lambda n: lc.tg(tg_ids, n),
+                              lambda: gguf_bytes, budget if cuda else None))
+    else:
+        skipped.append(("llama.cpp", "llama_cpp (llama-cpp-python) is not installed: pip install llama-cpp-python"))
+    if cuda and fits:
+        ours("offload dense (cuda)", OffloadedModel.from_pretrained(path, device="cuda", progress=False))
+    else:
+        ours("offload dense", dense)
+    if not cuda:
+        ours("offload dense fp16", OffloadedModel.from_pretrained(path, progress=False, weights="float16"))
+    device = torch.device(args.device)
+    for weights in ("float32",) if cuda else ("float32", "float16"):
+        base = dense if weights == "float32" else OffloadedModel.from_pretrained(path, progress=False, weights=weights)
+        h = OffloadedModel(copy.deepcopy(base.model), base.tokenizer, base.checkpoint, device=torch.device("cpu"))
+        h.offload(budget, device=device, hot_dtype=torch.float16 if cuda else None, context=args.context,
+                  prepared=prepared, progress=False)
+        ours("offload hybrid" + (" fp16" if weights == "float16" else ""), h, budget, hybrid=True)
+    return engines, skipped, dict(dense=dense, prepared=prepared, budget=budget, pred_bytes=pred_bytes,
+                                  dense_bytes=dense_bytes)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help=".gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     ap.add_argument("--budget", type=int, default=None,
-                    help="hybrid budget in bytes (default: fixed bytes + 1, every FFN neuron cold)")
+                    help="GPU budget in bytes (required on cuda; CPU default: fixed bytes + 1, every neuron cold)")
     ap.add_argument("--pp", type=int, default=128)
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
@@ -150,13 +254,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM
-
-    from offload import OffloadedModel
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from offload.checkpoint import default_model_path
-    from offload.prepare import prepare
-    from decode_dense import run_hf as hf_decode_and_prefill_rates  # benchmarks/ is on sys.path
-    from offload.place.memory import plan_memory
     from offload.place.report import build_report, measure_cpu_bandwidth
 
     def log(msg):
@@ -170,108 +269,65 @@ def main(argv=None) -> int:
     else:
         bw, bw_src = measure_cpu_bandwidth(), "measured"
     log(f"CPU bandwidth {bw / 1e9:.2f} GB/s ({bw_src}); loading {name}")
-
-    dense = OffloadedModel.from_pretrained(path, progress=False)
-    n_layers = len(dense.model.layers)
+    engines, skipped, ctx = build_engines(args, path, log)
+    dense = ctx["dense"]
     params = sum(p.numel() for p in dense.model.parameters())
-    dense_bytes = unique_param_bytes(dense.model)
-    ffn_bytes = sum(unique_param_bytes(layer.mlp) for layer in dense.model.layers)
-    prepared = prepare(dense, progress=False)
-    pred_bytes = int(prepared.predictors.nbytes)
-    plan = plan_memory(dense.checkpoint.config, dtype="float32", device="cpu", context=args.context,
-                       predictor_bytes=pred_bytes // n_layers, shapes=dense.checkpoint.shapes)
-    budget = args.budget if args.budget is not None else plan.fixed_bytes + 1
-    hybrid = OffloadedModel(copy.deepcopy(dense.model), dense.tokenizer, dense.checkpoint, device=torch.device("cpu"))
-    hybrid.offload(budget, device=torch.device("cpu"), context=args.context, prepared=prepared, progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=path, dtype=torch.float32).eval()
-    log("models loaded")
+    log(f"engines: {', '.join(e.name for e in engines)}")
 
-    skipped = []
-    if torch.cuda.is_available():
-        skipped.append(("layer-split", "CUDA present, but the -ngl layer split is not implemented in this script"))
-    else:
-        skipped.append(("layer-split", "no CUDA: every layer would stay on the CPU, i.e. identical to offload dense"))
-    try:
-        import llama_cpp  # noqa: F401
-        skipped.append(("llama.cpp", "llama_cpp importable, but this script does not drive it yet"))
-    except ImportError:
-        skipped.append(("llama.cpp", "llama_cpp (llama-cpp-python) is not installed"))
-
-    gen = torch.Generator().manual_seed(0)
-    pp_ids = torch.randint(0, dense.config.vocab_size, (1, args.pp), generator=gen)
-    tg_ids = dense.chat_ids(PROMPT)
-
-    def ours_pp(m):
-        m.generate(pp_ids, max_new_tokens=1, eos_token_id=[])
-        return m.last_stats.prefill_tokens_per_second
-
-    def ours_tg(m, n=args.tg):
-        m.generate(tg_ids, max_new_tokens=n, eos_token_id=[])
-        return m.last_stats.decode_tokens_per_second
-
-    def hf_pp(_):
-        t0 = time.perf_counter()
-        hf(pp_ids, attention_mask=torch.ones_like(pp_ids), use_cache=True)
-        return pp_ids.shape[1] / (time.perf_counter() - t0)
-
-    def hf_tg(_, n=args.tg):
-        return hf_decode_and_prefill_rates(hf, tg_ids, n)[0]
-
-    engines = [("transformers", hf, hf_pp, hf_tg), ("offload dense", dense, ours_pp, ours_tg),
-               ("offload hybrid", hybrid, ours_pp, ours_tg)]
-    runs = {(e, t): [] for e, *_ in engines for t in ("pp", "tg")}
-    hybrid_ffn_bytes = []
+    runs = {(e.name, t): [] for e in engines for t in ("pp", "tg")}
     with torch.inference_mode():
-        for _, model, fpp, ftg in engines:  # warm-up
-            fpp(model)
-            ftg(model, 4)
+        for e in engines:  # warm-up
+            e.pp()
+            e.tg(4)
         for rep in range(args.reps):
-            for e, model, fpp, ftg in engines:
-                runs[(e, "pp")].append(fpp(model))
-                runs[(e, "tg")].append(ftg(model))
-                if model is hybrid:
-                    h = hybrid.hybrid_stats
-                    hybrid_ffn_bytes.append((h.bytes_hot + h.bytes_cold) / max(args.tg - 1, 1))
+            for e in engines:
+                runs[(e.name, "pp")].append(e.pp())
+                runs[(e.name, "tg")].append(e.tg(args.tg))
             log(f"rep {rep + 1}/{args.reps} done")
-
-    hyb_bpt = hybrid_bytes_per_token(dense_bytes - ffn_bytes, statistics.mean(hybrid_ffn_bytes), 1, pred_bytes)
-    bpt = {"transformers": dense_bytes, "offload dense": dense_bytes, "offload hybrid": hyb_bpt}
-    budgets = {"transformers": None, "offload dense": None, "offload hybrid": budget}
+    bpt = {e.name: e.bytes_per_token() for e in engines}
     rows = []
+    cpu_only = args.device == "cpu"
     for test, n in (("pp", args.pp), ("tg", args.tg)):
-        base = mean_sd(runs[("transformers", test)])[0]
-        for e, *_ in engines:
-            rows.append(make_row(model=name, size=dense_bytes, params=params, backend=e, budget=budgets[e],
-                                 test=f"{test}{n}", runs=runs[(e, test)], base_mean=base,
-                                 bytes_per_token=bpt[e], bandwidth=bw))
+        base = mean_sd(runs[(engines[0].name, test)])[0]
+        for e in engines:
+            rows.append(make_row(model=name, size=ctx["dense_bytes"], params=params, backend=e.name, budget=e.budget,
+                                 test=f"{test}{n}", runs=runs[(e.name, test)], base_mean=base,
+                                 bytes_per_token=bpt[e.name], bandwidth=bw if cpu_only else None))
 
-    # The report's roofline for the same budget. On a CPU-only machine its "GPU" side is the CPU too, so
-    # give it the CPU bandwidth for both, and also add the two sides (they are serial on one CPU).
-    rep = build_report(dense.checkpoint.config, budget=budget, frequencies=prepared.profile.frequencies,
-                       context=args.context, dtype="float32", predictor_bytes=pred_bytes // n_layers,
-                       shapes=dense.checkpoint.shapes, device="cpu", cpu_bw=bw, gpu_bw=bw, gpu="CPU")
+    # The report's roofline for the headline hybrid (fp16 cold rows on the CPU). On a CPU-only machine its
+    # "GPU" side is the CPU too: give it the CPU bandwidth and add the two sides (serial on one CPU).
+    head = engines[-1]
+    n_layers = len(dense.model.layers)
+    rep = build_report(dense.checkpoint.config, budget=ctx["budget"], frequencies=ctx["prepared"].profile.frequencies,
+                       context=args.context, dtype="float16" if not cpu_only or "fp16" in head.name else "float32",
+                       cpu_dtype="float16" if "fp16" in head.name else "float32",
+                       predictor_bytes=ctx["pred_bytes"] // n_layers, shapes=dense.checkpoint.shapes,
+                       device=args.device, cpu_bw=bw, gpu_bw=bw if cpu_only else None, gpu="CPU" if cpu_only else None)
     rf = rep["roofline"]
     serial = bw / (rf["gpu_bytes_per_token"] + rf["cpu_bytes_per_token"])
-    hyb_tg = mean_sd(runs[("offload hybrid", "tg")])[0]
-    roof = {"report_tokens_per_s": rf["tokens_per_s"], "report_serial_cpu_tokens_per_s": serial,
+    hyb_tg = mean_sd(runs[(head.name, "tg")])[0]
+    roof = {"engine": head.name, "report_tokens_per_s": rf["tokens_per_s"], "report_serial_cpu_tokens_per_s": serial,
             "report_bytes_per_token": rf["gpu_bytes_per_token"] + rf["cpu_bytes_per_token"],
-            "measured_bytes_per_token": hyb_bpt, "measured_roofline_tokens_per_s": roofline_tokens_per_s(bw, hyb_bpt),
-            "hybrid_tg_tokens_per_s": hyb_tg, "misses_by_pct_vs_serial": 100 * (1 - hyb_tg / serial),
+            "measured_bytes_per_token": bpt[head.name],
+            "measured_roofline_tokens_per_s": roofline_tokens_per_s(bw, bpt[head.name]),
+            "tg_tokens_per_s": hyb_tg, "misses_by_pct_vs_serial": 100 * (1 - hyb_tg / serial),
             "misses_by_pct_vs_report": 100 * (1 - hyb_tg / rf["tokens_per_s"]),
-            "density": prepared.operating_point.get("density")}
+            "density": ctx["prepared"].operating_point.get("density")}
     wall = time.perf_counter() - t_start
     info = machine_info(args.threads, bw, bw_src)
+    info["device"] = args.device
     info["wall_s"] = round(wall, 1)
     if args.output == "json":
         print(format_json(rows, skipped, info, {"roofline": roof, "pp": args.pp, "tg": args.tg, "reps": args.reps}))
     else:
+        side = "the 'GPU' side on the CPU" if cpu_only else "GPU side"
         notes = [
-            f"roofline (report, budget {human_bytes(budget)}, context {args.context}, CPU {bw / 1e9:.2f} GB/s): "
-            f"{rf['tokens_per_s']:.1f} t/s as max(side) [{human_bytes(rf['gpu_bytes_per_token'])} 'GPU' side on "
-            f"the CPU + {human_bytes(rf['cpu_bytes_per_token'])} cold], {serial:.1f} t/s with both sides serial "
-            f"on the CPU; from measured bytes ({human_bytes(hyb_bpt)}/token): "
+            f"roofline of {head.name} (report, budget {human_bytes(ctx['budget'])}, context {args.context}, CPU "
+            f"{bw / 1e9:.2f} GB/s): {rf['tokens_per_s']:.1f} t/s as max(side) [{human_bytes(rf['gpu_bytes_per_token'])} "
+            f"{side} + {human_bytes(rf['cpu_bytes_per_token'])} cold], {serial:.1f} t/s with both sides serial "
+            f"on the CPU; from measured bytes ({human_bytes(bpt[head.name])}/token): "
             f"{roof['measured_roofline_tokens_per_s']:.1f} t/s",
-            f"measured hybrid tg: {hyb_tg:.1f} t/s → misses the serial roofline by "
+            f"measured {head.name} tg: {hyb_tg:.1f} t/s → misses the serial roofline by "
             f"{roof['misses_by_pct_vs_serial']:.0f}% (the report's max-side figure by "
             f"{roof['misses_by_pct_vs_report']:.0f}%)"]
         print(format_markdown(rows, skipped, info, notes))

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from baselines import hf_rates as run_hf  # benchmarks/ is on sys.path
+
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
@@ -22,19 +24,6 @@ def run_ours(m, ids, new_tokens):
     m.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
     s = m.last_stats
     return s.decode_tokens_per_second, s.prefill_tokens_per_second
-
-
-def run_hf(model, ids, new_tokens):
-    # Decode rate = (new - 1) tokens over the time after the first token, as for ours: time a
-    # 1-token generate (prefill) and subtract it from the full one.
-    mask = torch.ones_like(ids)
-    t0 = time.perf_counter()
-    model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
-    prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    total = time.perf_counter() - t0
-    return (new_tokens - 1) / (total - prefill), ids.shape[1] / prefill
 
 
 def main(argv=None) -> int:

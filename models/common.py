@@ -66,17 +66,25 @@ def one_token_cpu_decode(x: torch.Tensor) -> bool:
     return _decode_gemv["numpy"] and x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
-def _cpu_ops():
-    from offload import cpu_ops
+_lazy: dict = {}  # numba-backed modules, imported on first use (numba's import costs ~0.7 s)
 
-    return cpu_ops
+
+def _cpu_ops():
+    mod = _lazy.get("cpu_ops")
+    if mod is None:
+        from offload import cpu_ops as mod
+
+        _lazy["cpu_ops"] = mod
+    return mod
 
 
 def _half():
-    # imported on first use: offload.half compiles numba kernels
-    from offload import half
+    mod = _lazy.get("half")
+    if mod is None:
+        from offload import half as mod
 
-    return half
+        _lazy["half"] = mod
+    return mod
 
 
 def empty_param(shape, dtype, device) -> nn.Parameter:
@@ -158,10 +166,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class KVCache:
-    """Preallocated keys and values for every layer: k, v [layers, batch, kv_heads, max_len, head_dim]."""
+    """Preallocated keys and values for every layer: k, v [layers, batch, kv_heads, max_len, head_dim],
+    or (layers split across devices, offload.layer_split) lists of per-layer [batch, kv_heads, max_len,
+    head_dim] tensors, each on its layer's device. ``k[layer]`` is one layer's either way."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: torch.Tensor | list[torch.Tensor]
+    v: torch.Tensor | list[torch.Tensor]
 
     @classmethod
     def allocate(cls, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
@@ -169,13 +179,21 @@ class KVCache:
         shape = (layers, batch, kv_heads, max_len, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
+    @classmethod
+    def allocate_per_layer(cls, homes: list[tuple[torch.device, torch.dtype]], batch: int, kv_heads: int,
+                           max_len: int, head_dim: int) -> "KVCache":
+        """One [batch, kv_heads, max_len, head_dim] pair per layer at its (device, dtype) home."""
+        def make(device, dtype):
+            return torch.zeros((batch, kv_heads, max_len, head_dim), dtype=dtype, device=device)
+        return cls([make(*h) for h in homes], [make(*h) for h in homes])
+
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[-2]
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
@@ -188,9 +206,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: K
     t = q.shape[2]
     if cache is not None:
         end = start + t
-        cache.k[layer, :, :, start:end] = k
-        cache.v[layer, :, :, start:end] = v
-        k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        cache.k[layer][:, :, start:end] = k
+        cache.v[layer][:, :, start:end] = v
+        k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
     total = k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if t == 1:

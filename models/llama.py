@@ -158,12 +158,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int):
         b, t, _ = x.shape
-        if cache is not None and one_token_cpu_decode(x) and cache.k.dtype == torch.float32:
+        if cache is not None and one_token_cpu_decode(x) and cache.k[layer].dtype == torch.float32:
             # One numba call for RoPE, the cache write and attention (offload.cpu_ops.attend_one).
             qkv = linear(x, self.qkv, self.qkv_bias).reshape(-1).numpy()
             out = np.empty(self.h * self.hd, np.float32)
-            _cpu_ops().attend_one(qkv, cos[0].numpy(), sin[0].numpy(), cache.k[layer, 0].numpy(), cache.v[layer, 0].numpy(),
-                       start, self.h, self.kvh, out)
+            _cpu_ops().attend_one(qkv, cos[0].numpy(), sin[0].numpy(), cache.k[layer][0].numpy(),
+                                  cache.v[layer][0].numpy(), start, self.h, self.kvh, out)
             return linear(torch.from_numpy(out).view(1, 1, -1), self.o, self.o_bias)
         qkv = linear(x, self.qkv, self.qkv_bias).view(b, t, self.h + 2 * self.kvh, self.hd).transpose(1, 2)
         # RoPE on the q and k heads together (one set of ops instead of two): [b, h + kvh, t, hd].
@@ -186,6 +186,13 @@ class Block(nn.Module):
         return x + self.mlp(self.ffn_norm(x))
 
 
+def layer_home(layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a block computes: its norm weight's device and dtype (fp16-stored matrices under fp32
+    activations, offload.half, keep fp32 norms)."""
+    w = layer.attn_norm.weight
+    return w.device, w.dtype
+
+
 class LlamaModel(nn.Module):
     """The dense decoder. ``forward(ids [b, t], cache, start) → logits [b, t, V]``."""
 
@@ -199,7 +206,7 @@ class LlamaModel(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else empty_param((cfg.vocab_size, cfg.hidden_size), dtype, device)
         inv_freq, scale = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self._rope = (inv_freq, scale)
-        self._cos = self._sin = None
+        self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # cos, sin per device
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -207,24 +214,37 @@ class LlamaModel(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, device=None) -> KVCache:
         c = self.config
+        homes = [layer_home(layer) for layer in self.layers]
+        if device is None and len(set(homes)) > 1:  # layers split across devices (offload.layer_split)
+            return KVCache.allocate_per_layer(homes, batch, c.num_key_value_heads, max_len, c.head_dim)
+        home_device, home_dtype = homes[0]
         return KVCache.allocate(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
-                                self.dtype, device or self.embed.device)
+                                home_dtype, device or home_device)
 
     def _rope_for(self, start: int, t: int, dtype, device):
         end = start + t
-        if self._cos is None or self._cos.shape[0] < end or self._cos.device != device:
-            length = max(end, 256, 0 if self._cos is None else self._cos.shape[0])
-            cos, sin = rope_tables(*self._rope, length)
-            self._cos, self._sin = cos.to(device), sin.to(device)
-        return self._cos[start:end].to(dtype), self._sin[start:end].to(dtype)
+        cos, sin = self._rope_tables.get(device, (None, None))
+        if cos is None or cos.shape[0] < end:
+            length = max(end, 256, 0 if cos is None else cos.shape[0])
+            cos, sin = (tab.to(device) for tab in rope_tables(*self._rope, length))
+            self._rope_tables[device] = cos, sin
+        return cos[start:end].to(dtype), sin[start:end].to(dtype)
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        """Final-norm hidden states [b, t, d]."""
+        """Final-norm hidden states [b, t, d]. Layers may live on different devices and dtypes
+        (offload.layer_split): x moves to each layer's home on the way."""
         x = F.embedding(ids, self.embed).to(self.dtype)
+        home = (x.device, x.dtype)
         cos, sin = self._rope_for(start, ids.shape[1], x.dtype, x.device)
         for i, layer in enumerate(self.layers):
+            w = layer.attn_norm.weight
+            if w.device != home[0] or w.dtype != home[1]:
+                x = x.to(w.device, w.dtype)
+                home = (w.device, w.dtype)
+                cos, sin = self._rope_for(start, ids.shape[1], x.dtype, x.device)
             x = layer(x, cos, sin, cache, i, start)
-        return self.norm(x)
+        w = self.norm.weight
+        return self.norm(x if (w.device, w.dtype) == home else x.to(w.device, w.dtype))
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False) -> torch.Tensor:

@@ -85,15 +85,20 @@ def _cpu_shadow_selector(predictor, spinning_pool: bool):
         shadow = shadow_from_predictor(predictor)
     k = topk_count(predictor.density, predictor.n)
     predictor.clear_cache()  # drop the fp32 copy the reference scorer may have built
-    return CpuShadowSelector(lambda x: topk_indices(shadow.scores(x), k))
+    return CpuShadowSelector(shadow, k)
 
 
 class CpuShadowSelector:
     """A selector with a NumPy entry point as well: ``ids(x [b, d] float32 ndarray)`` → sorted int64
-    ndarray, which the hybrid FFN's CPU decode path calls without torch conversions."""
+    ndarray, which the hybrid FFN's CPU decode path calls without torch conversions. ``shadow`` (an
+    offload.lowbit Int4Shadow / Int8Shadow) and ``k`` (neurons per token) are public so that the
+    all-cold CPU path can run scores, top-k and the cold kernel in one call (offload.cold.fused)."""
 
-    def __init__(self, ids):
-        self.ids = ids
+    def __init__(self, shadow, k: int):
+        from offload.lowbit import topk_indices
+
+        self.shadow, self.k = shadow, k
+        self.ids = lambda x: topk_indices(shadow.scores(x), k)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.ids(x.detach().float().numpy()))

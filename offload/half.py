@@ -107,9 +107,15 @@ def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(y)
 
 
+_pool_threads: list[int] = []
+
+
 def pool_threads() -> int:
-    """Threads of numba's pool (NUMBA_NUM_THREADS, default the CPU count)."""
-    return numba.get_num_threads()
+    """Threads of numba's pool (NUMBA_NUM_THREADS, default the CPU count), read once: numba's own
+    getter launches its pool from Python on every call (~15 µs, 60 times a SmolLM2 token)."""
+    if not _pool_threads:
+        _pool_threads.append(numba.get_num_threads())
+    return _pool_threads[0]
 
 
 def store_weights_fp16(model: torch.nn.Module) -> torch.nn.Module:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from offload.cold.ffn import ColdFFN
+from offload.cold.ffn import BLOCK_BYTES, ColdFFN
 from offload.cold.worker import ColdWorker
 from offload.errors import UnsupportedModelError
 from offload.kernels.sparse_down import ffn_hot_forward
@@ -139,6 +139,37 @@ class HybridFFN(nn.Module):
                             threads=cold_threads, dtype=host(w1[:0]).dtype, pool=cold_pool) if cold.size else None
         self.cold_bytes_per_neuron = (3 if w2 is not None else 2) * d * cold_dtype.itemsize + \
             (4 if b1 is not None else 0)
+        self._fused = self._fused_decode_args()
+
+    def _fused_decode_args(self):
+        """Arguments of offload.cold.fused.shadow_topk_cold when this layer can use it (every neuron
+        cold, CPU only, an int4 shadow selector, the cold kernel on numba's pool), else None."""
+        from offload.lowbit import Int4Shadow
+
+        shadow, k, cold = getattr(self.select, "shadow", None), getattr(self.select, "k", 0), self.cold
+        if (self.n_hot or cold is None or self.device.type != "cpu" or cold.pool != "numba"
+                or cold.backend != "numba" or not isinstance(shadow, Int4Shadow) or shadow.pool != "numba"
+                or not 0 < k < self.n):
+            return None
+        block = max(1, BLOCK_BYTES // cold.bytes_per_neuron)
+        return (shadow.W, shadow.B, shadow.code, shadow.n, k, cold._Wk, block, cold._code, cold.bias)
+
+    def _decode_fused(self, x_np: np.ndarray) -> torch.Tensor:
+        """One token, every neuron cold: scores, top-k and the cold kernel in one numba call."""
+        from offload.cold.fused import shadow_topk_cold
+
+        nt = self.cold.threads
+        t0 = time.perf_counter()
+        out, count, bad = shadow_topk_cold(x_np, *self._fused, np.zeros((nt, 1, self.d), np.float32),
+                                           np.empty((nt, 5, 1), np.float32))
+        st = self.stats
+        st.cold_seconds += time.perf_counter() - t0
+        if bad:
+            raise IndexError(f"{bad} neuron indices out of range [0, {self.n_cold})")
+        st.decode_calls += 1
+        st.active_cold += count
+        st.bytes_cold += count * self.cold_bytes_per_neuron
+        return torch.from_numpy(out).view(1, self.d)
 
     # -- the two sides -------------------------------------------------------------------------------
     def _hot(self, x2: torch.Tensor, hot_local: torch.Tensor) -> torch.Tensor:
@@ -181,6 +212,8 @@ class HybridFFN(nn.Module):
             else:
                 fut = self.worker.submit(self.cold.forward_dense, x_np) if self.cold else None  # not in stats
             y = self._hot_dense(x2) if self.n_hot else None
+        elif self._fused is not None and x_np.shape[0] == 1:
+            fut, y = None, self._decode_fused(x_np)
         else:
             ids = getattr(self.select, "ids", None)  # a NumPy entry point saves torch round trips
             active = ids(x_np) if ids is not None else self.select(x2).cpu().numpy()  # sorted global ids

@@ -4,13 +4,23 @@ import importlib.util
 import json
 import math
 import os
+import sys
 
 import pytest
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "decode.py")
-_spec = importlib.util.spec_from_file_location("bench_decode", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("bench_decode", _PATH)
+sweep = _load("bench_sweep", os.path.join(os.path.dirname(_PATH), "sweep.py"))
 
 
 def test_mean_sd():
@@ -84,3 +94,13 @@ def test_human_units():
     assert bench.human_bytes(512) == "512 B"
     assert bench.human_bytes(3 * 2**20) == "3.00 MiB"
     assert bench.human_count(134_515_008) == "134.52 M"
+
+
+def test_sweep_budgets_and_plot(tmp_path):
+    assert sweep.sweep_budgets(300, 700, [0.5, 1.0, 1.2]) == [500, 1000, 1200]
+    rows = [{"engine": e, "budget_bytes": b * 2**20, "tokens_per_s_mean": t, "tokens_per_s_sd": 0.5}
+            for e, pts in (("offload hybrid", [(100, 20.0), (200, 30.0)]), ("layer-split", [(100, 10.0), (200, 25.0)]))
+            for b, t in pts]
+    path = tmp_path / "sweep.png"
+    sweep.plot_sweep(rows, str(path), "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

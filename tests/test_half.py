@@ -91,3 +91,27 @@ def test_hybrid_with_fp16_weights_equals_dense(tiny_checkpoint, kind):
         assert cold.W.dtype == np.float16 and cold.pool == "numba"
         torch.testing.assert_close(greedy_logits(model, ids, 6, True), expected, rtol=1e-5, atol=1e-5)
         model.hybrid_worker.close()
+
+
+def test_all_cold_fused_decode_equals_separate_path(tiny_checkpoint):
+    """CPU-only, fp16 weights, every neuron cold, int4 shadow selectors: the one-call path
+    (offload.cold.fused) gives the logits and stats of scores → top-k → ColdFFN called separately."""
+    from offload.api import _cpu_shadow_selector
+    from offload.predict.shadow import ShadowPredictor
+
+    dense = half.store_weights_fp16(build_model(open_checkpoint(tiny_checkpoint("llama")), progress=False))
+    ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(5))
+    runs = []
+    for fused in (True, False):
+        model = copy.deepcopy(dense)
+        selectors = [_cpu_shadow_selector(ShadowPredictor.from_ffn(layer.mlp, density=0.4), spinning_pool=True)
+                     for layer in model.layers]
+        stats = apply_placement(model, [np.arange(0)] * 2, selectors, device="cpu")
+        assert all((layer.mlp._fused is not None) for layer in model.layers)
+        if not fused:
+            for layer in model.layers:
+                layer.mlp._fused = None
+        runs.append((greedy_logits(model, ids, 6, True), stats.active_cold, stats.bytes_cold, stats.decode_calls))
+        model.hybrid_worker.close()
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-5)
+    assert runs[0][1:] == runs[1][1:] and runs[0][3] == 12
