@@ -146,7 +146,7 @@ def main(argv=None) -> int:
 
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     where = torch.cuda.get_device_name() if cuda else "CPU only (the 'GPU' side is the CPU)"
-    title = f"{os.path.basename(path)} · {where} · tg{args.tg} · {date}"
+    title = f"{os.path.basename(path)} · {where} · tg{args.tg} · {date[:10]}"
     plot_sweep(rows, args.plot, title)
     if args.output == "json":
         print(json.dumps({"model": path, "device": where, "date": date, "rows": rows, "skipped": skipped,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offload.errors import UnsupportedModelError
-from offload.models.common import (KVCache, RMSNorm, _cpu_ops, apply_rope, cached_attention, empty_param, linear,
+from offload.models.common import (KVCache, RMSNorm, _cpu_ops, _half, apply_rope, cached_attention, empty_param, linear,
                                    one_token_cpu_decode, param_loader, rope_inv_freq, rope_tables)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -173,6 +173,23 @@ class Attention(nn.Module):
         return linear(out.transpose(1, 2).reshape(b, t, self.h * self.hd), self.o, self.o_bias)
 
 
+    def decode_block(self, x, norm: RMSNorm, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+        """x + self(norm(x)) for one fp32 CPU token with fp16-stored weights, as one numba call
+        (offload.cpu_ops.attention_block); tested against the torch path in tests/test_cpu_ops.py."""
+        out = np.empty(x.shape[-1], np.float32)
+        none = _NO_BIAS
+        _cpu_ops().attention_block(
+            x.numpy().reshape(-1), norm.weight.numpy(), norm.eps, self.qkv.numpy().view(np.uint16),
+            none if self.qkv_bias is None else self.qkv_bias.numpy(), cos[0].numpy(), sin[0].numpy(),
+            cache.k[layer][0].numpy(), cache.v[layer][0].numpy(), start, self.h, self.kvh,
+            self.o.numpy().view(np.uint16), none if self.o_bias is None else self.o_bias.numpy(),
+            _half().pool_threads(), out)
+        return torch.from_numpy(out).view(x.shape)
+
+
+_NO_BIAS = np.zeros(0, np.float32)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig, dtype, device):
         super().__init__()
@@ -182,7 +199,12 @@ class Block(nn.Module):
         self.mlp = GatedFFN(cfg.hidden_size, cfg.intermediate_size, cfg.ffn_kind, cfg.mlp_bias, dtype, device)
 
     def forward(self, x, cos, sin, cache, layer, start):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, start)
+        if (cache is not None and self.attn.qkv.dtype == torch.float16 and one_token_cpu_decode(x)
+                and cache.k[layer].dtype == torch.float32):
+            # fp16-stored weights in CPU decode (offload.half): norm, attention and residual in one call
+            x = self.attn.decode_block(x, self.attn_norm, cos, sin, cache, layer, start)
+        else:
+            x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, start)
         return x + self.mlp(self.ffn_norm(x))
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from offload.cpu_ops import attend_one, rms_norm_row
+from offload.cpu_ops import attend_one, attention_block, rms_norm_row
 from offload.models.common import KVCache, RMSNorm, apply_rope, cached_attention, rope_inv_freq, rope_tables
 
 
@@ -41,3 +41,38 @@ def test_attend_one_matches_rope_and_cached_attention(h, kvh, hd):
         torch.testing.assert_close(torch.from_numpy(out), expected.transpose(1, 2).reshape(-1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours.k, ref.k, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ours.v, ref.v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("fp16", [False, True])
+def test_attention_block_matches_torch_path(bias, fp16):
+    """x + o(attention(rope(qkv(rms_norm(x))))) in one call against RMSNorm, matmuls and attend_one."""
+    h, kvh, hd, d, pos, max_len = 4, 2, 16, 40, 5, 8
+    g = torch.Generator().manual_seed(int(bias) + 2 * int(fp16))
+    nq = (h + 2 * kvh) * hd
+    wqkv, wo = torch.randn(nq, d, generator=g) * 0.2, torch.randn(d, h * hd, generator=g) * 0.2
+    if fp16:
+        wqkv, wo = wqkv.half(), wo.half()
+    bq = torch.randn(nq, generator=g) if bias else torch.zeros(0)
+    bo = torch.randn(d, generator=g) if bias else torch.zeros(0)
+    x, norm_w = torch.randn(d, generator=g), torch.rand(d, generator=g) + 0.5
+    cos_t, sin_t = rope_tables(*rope_inv_freq(hd, 10000.0, None, max_len), max_len)
+    kc = torch.randn(kvh, max_len, hd, generator=g)
+    vc = torch.randn(kvh, max_len, hd, generator=g)
+    # reference
+    norm = RMSNorm(d, 1e-5)
+    norm.weight.data = norm_w
+    with torch.no_grad():
+        qkv = wqkv.float() @ norm(x[None, None])[0, 0] + (bq if bias else 0)
+    k_ref, v_ref = kc.clone().numpy(), vc.clone().numpy()
+    a = np.empty(h * hd, np.float32)
+    attend_one(qkv.numpy(), cos_t[pos].numpy(), sin_t[pos].numpy(), k_ref, v_ref, pos, h, kvh, a)
+    expected = x + wo.float() @ torch.from_numpy(a) + (bo if bias else 0)
+    out = np.empty(d, np.float32)
+    view = (lambda w: w.numpy().view(np.uint16)) if fp16 else (lambda w: w.numpy())
+    k_got, v_got = kc.clone().numpy(), vc.clone().numpy()
+    attention_block(x.numpy(), norm_w.numpy(), 1e-5, view(wqkv), bq.numpy(), cos_t[pos].numpy(), sin_t[pos].numpy(),
+                    k_got, v_got, pos, h, kvh, view(wo), bo.numpy(), 2, out)
+    torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(k_got, k_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(v_got, v_ref, rtol=1e-5, atol=1e-5)
