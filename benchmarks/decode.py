@@ -256,6 +256,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from offload.checkpoint import default_model_path
+    from offload.place.memory import plan_memory
     from offload.place.report import build_report, measure_cpu_bandwidth
 
     def log(msg):
@@ -298,8 +299,14 @@ def main(argv=None) -> int:
     # "GPU" side is the CPU too: give it the CPU bandwidth and add the two sides (serial on one CPU).
     head = engines[-1]
     n_layers = len(dense.model.layers)
-    rep = build_report(dense.checkpoint.config, budget=ctx["budget"], frequencies=ctx["prepared"].profile.frequencies,
-                       context=args.context, dtype="float16" if not cpu_only or "fp16" in head.name else "float32",
+    fp16 = not cpu_only or "fp16" in head.name  # weights the 'GPU' side reads are fp16
+    report_budget = ctx["budget"]
+    if cpu_only and args.budget is None:  # every neuron cold, as in the run: fixed bytes at the report's dtype
+        report_budget = plan_memory(dense.checkpoint.config, dtype="float16" if fp16 else "float32", device="cpu",
+                                    context=args.context, predictor_bytes=ctx["pred_bytes"] // n_layers,
+                                    shapes=dense.checkpoint.shapes).fixed_bytes + 1
+    rep = build_report(dense.checkpoint.config, budget=report_budget, frequencies=ctx["prepared"].profile.frequencies,
+                       context=args.context, dtype="float16" if fp16 else "float32",
                        cpu_dtype="float16" if "fp16" in head.name else "float32",
                        predictor_bytes=ctx["pred_bytes"] // n_layers, shapes=dense.checkpoint.shapes,
                        device=args.device, cpu_bw=bw, gpu_bw=bw if cpu_only else None, gpu="CPU" if cpu_only else None)
@@ -322,7 +329,7 @@ def main(argv=None) -> int:
     else:
         side = "the 'GPU' side on the CPU" if cpu_only else "GPU side"
         notes = [
-            f"roofline of {head.name} (report, budget {human_bytes(ctx['budget'])}, context {args.context}, CPU "
+            f"roofline of {head.name} (report, budget {human_bytes(report_budget)}, context {args.context}, CPU "
             f"{bw / 1e9:.2f} GB/s): {rf['tokens_per_s']:.1f} t/s as max(side) [{human_bytes(rf['gpu_bytes_per_token'])} "
             f"{side} + {human_bytes(rf['cpu_bytes_per_token'])} cold], {serial:.1f} t/s with both sides serial "
             f"on the CPU; from measured bytes ({human_bytes(bpt[head.name])}/token): "
