@@ -152,16 +152,14 @@ class HybridFFN(nn.Module):
                 or not 0 < k < self.n):
             return None
         block = max(1, BLOCK_BYTES // cold.bytes_per_neuron)
-        return (shadow.W, shadow.B, shadow.code, shadow.n, k, cold._Wk, block, cold._code, cold.bias)
+        parts = np.zeros((cold.threads, 1, self.d), np.float32)  # per-thread outputs, zeroed by the kernel
+        scratch = np.empty((cold.threads, 5, 1), np.float32)
+        return (shadow.W, shadow.B, shadow.code, shadow.n, k, cold._Wk, block, cold._code, cold.bias, parts, scratch)
 
-    def _decode_fused(self, x_np: np.ndarray) -> torch.Tensor:
-        """One token, every neuron cold: scores, top-k and the cold kernel in one numba call."""
-        from offload.cold.fused import shadow_topk_cold
-
-        nt = self.cold.threads
+    def _decode_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """One fp32 CPU token, every neuron cold: scores, top-k and the cold kernel in one numba call."""
         t0 = time.perf_counter()
-        out, count, bad = shadow_topk_cold(x_np, *self._fused, np.zeros((nt, 1, self.d), np.float32),
-                                           np.empty((nt, 5, 1), np.float32))
+        out, count, bad = _fused_kernel()(x.detach().numpy().reshape(1, self.d), *self._fused)
         st = self.stats
         st.cold_seconds += time.perf_counter() - t0
         if bad:
@@ -169,7 +167,8 @@ class HybridFFN(nn.Module):
         st.decode_calls += 1
         st.active_cold += count
         st.bytes_cold += count * self.cold_bytes_per_neuron
-        return torch.from_numpy(out).view(1, self.d)
+        y = torch.from_numpy(out).view(x.shape)
+        return y if self.out_bias is None else y + self.out_bias
 
     # -- the two sides -------------------------------------------------------------------------------
     def _hot(self, x2: torch.Tensor, hot_local: torch.Tensor) -> torch.Tensor:
@@ -198,6 +197,8 @@ class HybridFFN(nn.Module):
         return h @ W[:, -1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None and x.numel() == self.d and x.dtype == torch.float32 and x.device.type == "cpu":
+            return self._decode_fused(x)  # the common CPU-only decode step, with the least Python
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         x_cpu = x2.detach() if x2.device.type == "cpu" and x2.dtype == torch.float32 else x2.detach().to("cpu", torch.float32)
@@ -212,8 +213,6 @@ class HybridFFN(nn.Module):
             else:
                 fut = self.worker.submit(self.cold.forward_dense, x_np) if self.cold else None  # not in stats
             y = self._hot_dense(x2) if self.n_hot else None
-        elif self._fused is not None and x_np.shape[0] == 1:
-            fut, y = None, self._decode_fused(x_np)
         else:
             ids = getattr(self.select, "ids", None)  # a NumPy entry point saves torch round trips
             active = ids(x_np) if ids is not None else self.select(x2).cpu().numpy()  # sorted global ids
@@ -252,6 +251,18 @@ class HybridFFN(nn.Module):
         if self.out_bias is not None:
             y = y + self.out_bias
         return y.to(x.dtype).reshape(shape)
+
+
+_fused_kernels: list = []
+
+
+def _fused_kernel():
+    """offload.cold.fused.shadow_topk_cold, imported on first use (it compiles numba code)."""
+    if not _fused_kernels:
+        from offload.cold.fused import shadow_topk_cold
+
+        _fused_kernels.append(shadow_topk_cold)
+    return _fused_kernels[0]
 
 
 def uses_spinning_pool(model: nn.Module, device: torch.device | str) -> bool:

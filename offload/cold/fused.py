@@ -25,8 +25,10 @@ def shadow_topk_cold(x, SW, SB, skind, n, k, W, block, kind, bias, parts, scratc
 
     SW, SB, skind: an Int4Shadow's prepared blocks, biases and kind code; n neurons; k per token.
     W, kind, bias: the ColdFFN's bundle (float32 or uint16 fp16 bits), kernel code and fc1 bias.
-    parts [threads, 1, d] and scratch [threads, 5, 1] float32: one per pool thread (parts zeroed)."""
+    parts [threads, 1, d] and scratch [threads, 5, 1] float32: one per pool thread (reused across calls:
+    parts is zeroed here)."""
     nt = parts.shape[0]
+    parts[:] = 0.0
     blocks = SW.shape[0]
     scores = np.empty((1, n), np.float32)
     for c in prange(nt):
