@@ -17,7 +17,7 @@ import torch
 
 from offload.cache import model_cache_dir
 from offload.checkpoint import Checkpoint, open_checkpoint
-from offload.errors import GenerationError
+from offload.errors import BudgetError, GenerationError
 from offload.generation import GenerationStats, SamplingConfig, _as_tuple, generate
 from offload.loading import build_model
 from offload.units import parse_memory_size
@@ -144,7 +144,9 @@ class OffloadedModel:
                 context: int = 4096, text=None, progress: bool = True, prepared=None) -> None:
         """Profile → predict → place → run: build (or reuse from the cache) the profile, predictors and
         operating point, solve the placement of hot neurons for ``budget`` bytes on ``device``, and
-        swap every FFN for a HybridFFN. With device='cpu' the hot side runs on CPU torch.
+        swap every FFN for a HybridFFN. With device='cpu' the hot side runs on CPU torch, and
+        ``budget=0`` means no device memory at all: every FFN neuron is cold (the fastest CPU-only
+        setting; with weights="float16" one numba call per layer computes the FFN).
         ``prepared``: artifacts from offload.prepare.prepare / prepare_from_tokens (default: prepare)."""
         from offload.prepare import prepare
         from offload.hybrid import apply_placement, uses_spinning_pool
@@ -155,6 +157,15 @@ class OffloadedModel:
         prepared = prepared or prepare(self, text, progress=progress)
         preds = prepared.predictors
         layers = len(self.model.layers)
+        if budget == 0:
+            if device.type != "cpu":
+                raise BudgetError("gpu_memory=0 (no device memory) is only for device='cpu': every FFN neuron cold")
+            from offload.place.memory import plan_memory
+
+            plan = plan_memory(self.checkpoint.config, dtype=str(hot_dtype).removeprefix("torch."), device="cpu",
+                               context=min(context, self.max_context), predictor_bytes=preds.nbytes // layers,
+                               shapes=self.checkpoint.shapes)
+            budget = plan.fixed_bytes + 1  # the non-FFN part and not one hot row
         _, placement, _ = plan_and_place(
             self.checkpoint.config, budget=budget, frequencies=prepared.profile.frequencies,
             context=min(context, self.max_context), dtype=str(hot_dtype).removeprefix("torch."),
@@ -177,13 +188,17 @@ class OffloadedModel:
         strings, "8GiB" = 8·2^30, "8GB" = 8·10^9) the hybrid runtime is applied: the profile and
         predictors are reused from the cache or built (progress bars), the placement is solved for the
         budget with a KV cache of ``context`` tokens, and every FFN is split into hot rows on
-        ``device`` and cold rows on the CPU (see :meth:`offload`).
+        ``device`` and cold rows on the CPU (see :meth:`offload`). With ``device="cpu"``,
+        ``gpu_memory=0`` runs the hybrid with every neuron cold: the CPU-only sparse engine.
 
         ``weights="float16"`` (CPU runs, fp32 activations): weight matrices are stored in fp16 and
         widened in the kernels (:mod:`offload.half`), half the bytes a token reads; the cold rows
         keep fp16 too. The default ``"float32"`` keeps transformers' fp32 numbers exactly."""
-        budget = parse_memory_size(gpu_memory) if gpu_memory is not None else None
         device = torch.device(device if device is not None else "cpu")
+        if gpu_memory in (0, "0") and device.type == "cpu":
+            budget = 0  # no device memory: every FFN neuron cold (see offload())
+        else:
+            budget = parse_memory_size(gpu_memory) if gpu_memory is not None else None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA GPU; use device='cpu'")
         dtype = _resolve_dtype(dtype, device)

@@ -39,6 +39,20 @@ def test_offload_places_within_budget_and_generates(tiny_prepared):
     m.model.hybrid_worker.close()
 
 
+def test_zero_budget_on_the_cpu_leaves_every_neuron_cold(tiny_prepared):
+    ckpt, prep = tiny_prepared
+    m = OffloadedModel(build_model(ckpt, progress=False), None, ckpt, device=torch.device("cpu"))
+    m.offload(0, device=torch.device("cpu"), context=64, prepared=prep, progress=False)
+    assert sum(m.placement.hot_counts) == 0
+    m.generate(rand_ids(6, 9)[None], max_new_tokens=4, eos_token_id=[])
+    s = m.hybrid_stats
+    assert s.active_hot == 0 and s.active_cold > 0 and s.decode_calls == 3 * 2
+    m.model.hybrid_worker.close()
+    with pytest.raises(BudgetError, match="only for device='cpu'"):
+        OffloadedModel(build_model(ckpt, progress=False), None, ckpt, device=torch.device("cpu")).offload(
+            0, device=torch.device("cuda"), context=64, prepared=prep, progress=False)
+
+
 def test_offload_budget_below_fixed_part_is_refused(tiny_prepared):
     ckpt, prep = tiny_prepared
     m = OffloadedModel(build_model(ckpt, progress=False), None, ckpt, device=torch.device("cpu"))

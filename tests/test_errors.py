@@ -156,8 +156,10 @@ def test_sampling_config_validates_directly():
 def test_bad_gpu_memory(budget, message):
     with pytest.raises(BudgetError, match=message):
         parse_memory_size(budget)
+    # gpu_memory=0 with device="cpu" means "no device memory, every neuron cold"; elsewhere it is refused
     with pytest.raises(BudgetError, match=message):
-        OffloadedModel.from_pretrained("/nonexistent/x.gguf", gpu_memory=budget)
+        OffloadedModel.from_pretrained("/nonexistent/x.gguf", gpu_memory=budget,
+                                       device="cuda" if budget == 0 else None)
 
 
 def test_memory_units():
