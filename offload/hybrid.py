@@ -13,6 +13,11 @@ Per decode step (≤ 8 tokens) and layer::
     y = hot + cold (+ down bias once)
 
 Prompts (x [b, t > 1, d]) and batches over 8 tokens take the dense paths on both sides (all neurons).
+
+CPU only (device='cpu'): with no hot neuron there is nothing to overlap, so the cold part runs on the
+caller; with fp16 weights (offload.half) every CPU kernel shares numba's pool
+(:func:`uses_spinning_pool`), and one token with an int4 shadow selector takes one numba call for
+scores, top-k and the cold kernel (offload.cold.fused).
 """
 from __future__ import annotations
 
