@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from offload.models.common import cpu_decode_mode
@@ -23,3 +28,16 @@ def greedy_logits(model, ids: torch.Tensor, steps: int, decode_mode: bool = Fals
             out.append(logits)
             tok = logits[:, -1].argmax(-1, keepdim=True)
     return torch.cat(out, dim=1)
+
+
+def interpreter_worker_results(test_file: str, marker: str) -> dict:
+    """Run ``test_file --interpreter-worker`` in a child process with TRITON_INTERPRET=1 (the flag must be
+    set before triton is imported) and return the JSON dict it prints after ``marker`` (case name →
+    "ok" or failure text); fail the test with the child's output otherwise."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, test_file, "--interpreter-worker"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    for line in proc.stdout.splitlines():
+        if line.startswith(marker):
+            return json.loads(line[len(marker):])
+    pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

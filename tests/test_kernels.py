@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
+
+from helpers import interpreter_worker_results
 
 from offload.kernels import gather_gemv as gg_mod
 from offload.kernels import sparse_down as sd_mod
@@ -194,14 +195,7 @@ def interpreter_results():
     """name -> "ok" | failure text, from one child process running with TRITON_INTERPRET=1."""
     if interpreter_active():
         return None  # this process already interprets Triton: run the cases in-process
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__, "--interpreter-worker"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    for line in proc.stdout.splitlines():
-        if line.startswith(_MARKER):
-            return json.loads(line[len(_MARKER):])
-    pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                f"{proc.stderr[-5000:]}")
+    return interpreter_worker_results(__file__, _MARKER)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -12,7 +12,6 @@ Same scheme as tests/test_kernels.py:
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
+
+from helpers import interpreter_worker_results
 
 from offload.kernels import shadow_scores as ss_mod
 from offload.kernels.gather_gemv import interpreter_active
@@ -133,14 +134,8 @@ _MARKER = "@@shadow-interpreter-results@@"
 @pytest.fixture(scope="module")
 def interpreter_results():
     if interpreter_active():
-        return None
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__, "--interpreter-worker"], env=env, capture_output=True,
-                          text=True, timeout=600)
-    for line in proc.stdout.splitlines():
-        if line.startswith(_MARKER):
-            return json.loads(line[len(_MARKER):])
-    pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        return None  # this process already interprets Triton: run the cases in-process
+    return interpreter_worker_results(__file__, _MARKER)
 
 
 @pytest.mark.parametrize("name", list(CASES))
