@@ -27,7 +27,6 @@ def cpu_decode_mode():
     workers spin against torch's and decode drops to ~4 tok/s. Restores both settings on exit."""
     threads = torch.get_num_threads()
     previous = _decode_gemv["numpy"]
-    _cpu_ops().warmup()  # compiled once per process (numba's cache makes it ~0.1 s)
     torch.set_num_threads(1)
     _decode_gemv["numpy"] = True
     try:
@@ -59,6 +58,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def warm_cpu_decode() -> None:
+    """Compile or load (numba's cache) the one-token CPU kernels, so that the first decode step does not
+    pay for it: ~0.1-0.3 s a kernel from the cache, ~10 s the first time on a machine."""
+    _cpu_ops().warmup()
 
 
 def one_token_cpu_decode(x: torch.Tensor) -> bool:

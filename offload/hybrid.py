@@ -145,6 +145,8 @@ class HybridFFN(nn.Module):
         self.cold_bytes_per_neuron = (3 if w2 is not None else 2) * d * cold_dtype.itemsize + \
             (4 if b1 is not None else 0)
         self._fused = self._fused_decode_args()
+        if self._fused is not None:  # compile or load the kernel now, not during the first decode step
+            _fused_kernel()(np.zeros((1, d), np.float32), *self._fused)
 
     def _fused_decode_args(self):
         """Arguments of offload.cold.fused.shadow_topk_cold when this layer can use it (every neuron
