@@ -260,16 +260,16 @@ class HybridFFN(nn.Module):
         return y.to(x.dtype).reshape(shape)
 
 
-_fused_kernels: list = []
+_fused_module: list = []
 
 
 def _fused_kernel():
-    """offload.cold.fused.shadow_topk_cold, imported on first use (it compiles numba code)."""
-    if not _fused_kernels:
-        from offload.cold.fused import shadow_topk_cold
+    """offload.cold.fused.shadow_topk_cold; the module is imported on first use (it compiles numba code)."""
+    if not _fused_module:
+        from offload.cold import fused
 
-        _fused_kernels.append(shadow_topk_cold)
-    return _fused_kernels[0]
+        _fused_module.append(fused)
+    return _fused_module[0].shadow_topk_cold
 
 
 def uses_spinning_pool(model: nn.Module, device: torch.device | str) -> bool:
