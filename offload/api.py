@@ -174,7 +174,7 @@ class OffloadedModel:
         spinning = uses_spinning_pool(self.model, device)
         selectors = [_fast_selector(preds[i], preds.selector(i), device, spinning) for i in range(layers)]
         self.hybrid_stats = apply_placement(self.model, placement.hot, selectors, device=device, hot_dtype=hot_dtype)
-        self.placement, self.device = placement, device
+        self.placement, self.device, self.dtype = placement, device, self.model.dtype
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,

@@ -310,6 +310,12 @@ def apply_placement(model: nn.Module, hot_ids: Sequence[np.ndarray], selectors: 
                               worker=worker, stats=stats, backend=backend, cold_threads=cold_threads,
                               cold_pool=cold_pool)
         del dense  # its weights now live on the two sides
-    model.to(device)  # embeddings, attention, norms, head (HybridFFN keeps plain tensors, not parameters)
+    if device.type == "cpu":
+        model.to(device)  # embeddings, attention, norms, head (HybridFFN keeps plain tensors, not parameters)
+    else:
+        # On an accelerator the non-FFN part takes the hot side's dtype, as the placement's memory plan
+        # counts it (an fp32 attention and head under an fp16 plan would take twice the bytes budgeted).
+        model.to(device=device, dtype=hot_dtype)
+        model.dtype = hot_dtype  # activations and the KV cache follow
     model.hybrid_worker = worker
     return stats
