@@ -191,9 +191,10 @@ class OffloadedModel:
         ``device`` and cold rows on the CPU (see :meth:`offload`). With ``device="cpu"``,
         ``gpu_memory=0`` runs the hybrid with every neuron cold: the CPU-only sparse engine.
 
-        ``weights="float16"`` (CPU runs, fp32 activations): weight matrices are stored in fp16 and
-        widened in the kernels (:mod:`offload.half`), half the bytes a token reads; the cold rows
-        keep fp16 too. The default ``"float32"`` keeps transformers' fp32 numbers exactly."""
+        ``weights="float16"``: weight matrices are stored in fp16 and widened in the kernels
+        (:mod:`offload.half`), half the bytes a token reads. On the CPU (fp32 activations) it applies to
+        the whole model; with a GPU budget, to the cold rows the CPU reads (the device side takes
+        ``dtype``). The default ``"float32"`` keeps transformers' fp32 numbers exactly."""
         device = torch.device(device if device is not None else "cpu")
         if gpu_memory in (0, "0") and device.type == "cpu":
             budget = 0  # no device memory: every FFN neuron cold (see offload())
@@ -204,9 +205,11 @@ class OffloadedModel:
         dtype = _resolve_dtype(dtype, device)
         if weights not in ("float32", "float16"):
             raise ValueError(f"weights={weights!r}: expected 'float32' or 'float16'")
-        if weights == "float16" and (device.type != "cpu" or dtype != torch.float32):
-            raise ValueError("weights='float16' is for CPU runs with fp32 activations (device='cpu', "
-                             "dtype='float32'); on a GPU choose dtype='float16' instead")
+        if weights == "float16" and device.type == "cpu" and dtype != torch.float32:
+            raise ValueError("weights='float16' on the CPU stores fp16 under fp32 activations: use dtype='float32'")
+        if weights == "float16" and device.type != "cpu" and gpu_memory is None:
+            raise ValueError("weights='float16' on a GPU applies to the hybrid's cold rows (give gpu_memory=); "
+                             "for a dense GPU model choose dtype='float16'")
         if weights == "float16":
             from offload.half import store_weights_fp16  # numba: imported only when used
         ckpt = open_checkpoint(model, revision=revision, local_files_only=local_files_only)
