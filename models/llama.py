@@ -18,6 +18,7 @@ from offload.models.common import (KVCache, RMSNorm, _cpu_ops, _half, apply_rope
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # hidden_act → how the FFN combines gate g and up u before down_proj.
 FFN_KINDS = {"silu": "swiglu", "swish": "swiglu", "relu": "relu", "drelu": "drelu"}
+FFN_CODES = {"swiglu": 0, "relu": 1, "drelu": 2}  # offload.cpu_ops.gated_ffn_block's activation codes
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,17 @@ class GatedFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self.intermediate(x), self.down, self.down_bias)
 
+    def decode_block(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor | None:
+        """x + self(norm(x)) for one fp32 CPU token with fp16-stored weights and no biases, as one
+        numba call (offload.cpu_ops.gated_ffn_block); None otherwise."""
+        if self.gate_up.dtype != torch.float16 or self.gate_up_bias is not None or norm.weight.dtype != torch.float32:
+            return None
+        out = np.empty(x.shape[-1], np.float32)
+        _cpu_ops().gated_ffn_block(x.numpy().reshape(-1), norm.weight.numpy(), norm.eps,
+                                   self.gate_up.numpy().view(np.uint16), self.down.numpy().view(np.uint16),
+                                   FFN_CODES[self.kind], _half().pool_threads(), out)
+        return torch.from_numpy(out).view(x.shape)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, dtype, device):
@@ -205,6 +217,12 @@ class Block(nn.Module):
             x = self.attn.decode_block(x, self.attn_norm, cos, sin, cache, layer, start)
         else:
             x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, start)
+        if one_token_cpu_decode(x):
+            # One CPU token: an FFN may compute norm, FFN and residual in one call (GatedFFN with fp16
+            # weights, the all-cold HybridFFN); None means it does not apply here.
+            y = self.mlp.decode_block(x, self.ffn_norm) if hasattr(self.mlp, "decode_block") else None
+            if y is not None:
+                return y
         return x + self.mlp(self.ffn_norm(x))
 
 

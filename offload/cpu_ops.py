@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from offload.half import gemv_rows
+from offload.half import gemv_parallel
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -86,7 +86,7 @@ def attend_one(qkv, cos, sin, kc, vc, pos, h, kvh, out):
                 o[j] += pt * vc[g, t, j]
 
 
-@njit(nogil=True, fastmath=True, cache=True, parallel=True)
+@njit(nogil=True, fastmath=True, cache=True)
 def attention_block(x, norm_w, eps, Wqkv, bqkv, cos, sin, kc, vc, pos, h, kvh, Wo, bo, parts, out):
     """out = x + Wo · attend(RoPE(Wqkv · rms_norm(x) + bqkv)) + bo for one token: the attention half of
     a LLaMA block (models.llama.Block) in one call, its two GEMVs split over ``parts`` pool threads.
@@ -97,23 +97,47 @@ def attention_block(x, norm_w, eps, Wqkv, bqkv, cos, sin, kc, vc, pos, h, kvh, W
     d = x.shape[0]
     xn = np.empty(d, np.float32)
     rms_norm_row(x, norm_w, eps, xn)
-    nq = Wqkv.shape[0]
-    qkv = np.empty(nq, np.float32)
-    step = ((nq + parts - 1) // parts + 3) // 4 * 4
-    for c in prange(parts):
-        gemv_rows(Wqkv, xn, qkv, c * step, min(nq, (c + 1) * step))
+    qkv = np.empty(Wqkv.shape[0], np.float32)
+    gemv_parallel(Wqkv, xn, qkv, parts)
     if bqkv.shape[0]:
         qkv += bqkv
     a = np.empty(Wo.shape[1], np.float32)
     attend_one(qkv, cos, sin, kc, vc, pos, h, kvh, a)
     y = np.empty(d, np.float32)
-    step = ((d + parts - 1) // parts + 3) // 4 * 4
-    for c in prange(parts):
-        gemv_rows(Wo, a, y, c * step, min(d, (c + 1) * step))
+    gemv_parallel(Wo, a, y, parts)
     for j in range(d):
         out[j] = x[j] + y[j]
     if bo.shape[0]:
         out += bo
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def gated_ffn_block(x, norm_w, eps, Wgu, Wd, kind, parts, out):
+    """out = x + down · act(gate · xn, up · xn), xn = rms_norm(x)·norm_w: the FFN half of a LLaMA block
+    for one token, its two GEMVs split over ``parts`` pool threads.
+
+    Wgu [2n, d] (gate rows, then up rows) and Wd [d, n]: uint16 (fp16 bits) or float32; kind 0 SwiGLU
+    silu(g)·u, 1 ReLU relu(g)·u, 2 dReLU relu(g)·relu(u). Reference: models.llama.GatedFFN's torch path."""
+    d = x.shape[0]
+    xn = np.empty(d, np.float32)
+    rms_norm_row(x, norm_w, eps, xn)
+    n = Wgu.shape[0] // 2
+    gu = np.empty(2 * n, np.float32)
+    gemv_parallel(Wgu, xn, gu, parts)
+    h = np.empty(n, np.float32)
+    zero = np.float32(0.0)
+    for i in range(n):
+        g, u = gu[i], gu[n + i]
+        if kind == 0:
+            h[i] = g / (np.float32(1.0) + math.exp(-g)) * u
+        elif kind == 1:
+            h[i] = max(g, zero) * u
+        else:
+            h[i] = max(g, zero) * max(u, zero)
+    y = np.empty(d, np.float32)
+    gemv_parallel(Wd, h, y, parts)
+    for j in range(d):
+        out[j] = x[j] + y[j]
 
 
 def warmup() -> None:
@@ -126,3 +150,5 @@ def warmup() -> None:
     attention_block(np.ones(4, np.float32), np.ones(4, np.float32), 1e-6, np.zeros((12, 4), np.uint16), none,
                     np.ones(4, np.float32), np.zeros(4, np.float32), kc, kc.copy(), 0, 1, 1,
                     np.zeros((4, 4), np.uint16), none, 2, np.empty(4, np.float32))
+    gated_ffn_block(np.ones(4, np.float32), np.ones(4, np.float32), 1e-6, np.zeros((6, 4), np.uint16),
+                    np.zeros((4, 3), np.uint16), 0, 2, np.empty(4, np.float32))

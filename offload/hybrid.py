@@ -33,10 +33,12 @@ from offload.cold.ffn import BLOCK_BYTES, ColdFFN
 from offload.cold.worker import ColdWorker
 from offload.errors import UnsupportedModelError
 from offload.kernels.sparse_down import ffn_hot_forward
+from offload.models.common import RMSNorm
 from offload.sparse import activation, ffn_weights
 
 DECODE_MAX_TOKENS = 8  # the hot kernels' batch limit; larger batches take the dense paths
 
+_NO_NORM = np.zeros(0, np.float32)
 Selector = Callable[[torch.Tensor], torch.Tensor]  # x [b, d] → sorted global neuron ids (int64)
 
 
@@ -146,7 +148,8 @@ class HybridFFN(nn.Module):
             (4 if b1 is not None else 0)
         self._fused = self._fused_decode_args()
         if self._fused is not None:  # compile or load the kernel now, not during the first decode step
-            _fused_kernel()(np.zeros((1, d), np.float32), *self._fused)
+            _fused_kernel()(np.zeros((1, d), np.float32), _NO_NORM, 0.0, *self._fused)
+            _fused_kernel()(np.zeros((1, d), np.float32), np.ones(d, np.float32), 1e-6, *self._fused)
 
     def _fused_decode_args(self):
         """Arguments of offload.cold.fused.shadow_topk_cold when this layer can use it (every neuron
@@ -163,10 +166,19 @@ class HybridFFN(nn.Module):
         scratch = np.empty((cold.threads, 5, 1), np.float32)
         return (shadow.W, shadow.B, shadow.code, shadow.n, k, cold._Wk, block, cold._code, cold.bias, parts, scratch)
 
-    def _decode_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """One fp32 CPU token, every neuron cold: scores, top-k and the cold kernel in one numba call."""
+    def decode_block(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor | None:
+        """x + self(norm(x)) for one fp32 CPU token in one numba call (RMSNorm, scores, top-k, cold
+        kernel, residual), when this layer takes the all-cold path; else None (the caller goes the
+        usual way). Called by models.llama.Block."""
+        if self._fused is None or not isinstance(norm, RMSNorm) or norm.weight.dtype != torch.float32:
+            return None
+        return self._decode_fused(x, norm.weight.detach().numpy(), norm.eps)
+
+    def _decode_fused(self, x: torch.Tensor, norm_w: np.ndarray = _NO_NORM, eps: float = 0.0) -> torch.Tensor:
+        """One fp32 CPU token, every neuron cold: scores, top-k and the cold kernel in one numba call
+        (with ``norm_w``: the norm before and the residual after too)."""
         t0 = time.perf_counter()
-        out, count, bad = _fused_kernel()(x.detach().numpy().reshape(1, self.d), *self._fused)
+        out, count, bad = _fused_kernel()(x.detach().numpy().reshape(1, self.d), norm_w, eps, *self._fused)
         st = self.stats
         st.cold_seconds += time.perf_counter() - t0
         if bad:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from offload.cpu_ops import attend_one, attention_block, rms_norm_row
+from offload.cpu_ops import attend_one, attention_block, gated_ffn_block, rms_norm_row
 from offload.models.common import KVCache, RMSNorm, apply_rope, cached_attention, rope_inv_freq, rope_tables
 
 
@@ -76,3 +77,22 @@ def test_attention_block_matches_torch_path(bias, fp16):
     torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(k_got, k_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(v_got, v_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2])  # SwiGLU, ReLU, dReLU
+@pytest.mark.parametrize("fp16", [False, True])
+def test_gated_ffn_block_matches_torch(kind, fp16):
+    d, n = 40, 70
+    g = torch.Generator().manual_seed(kind + 3 * int(fp16))
+    wgu, wd = torch.randn(2 * n, d, generator=g) * 0.2, torch.randn(d, n, generator=g) * 0.2
+    if fp16:
+        wgu, wd = wgu.half(), wd.half()
+    x, norm_w = torch.randn(d, generator=g), torch.rand(d, generator=g) + 0.5
+    xn = x * torch.rsqrt(x.pow(2).mean() + 1e-5) * norm_w
+    gate, up = (wgu.float() @ xn).split(n)
+    act = {0: F.silu(gate) * up, 1: F.relu(gate) * up, 2: F.relu(gate) * F.relu(up)}[kind]
+    expected = x + wd.float() @ act
+    view = (lambda w: w.numpy().view(np.uint16)) if fp16 else (lambda w: w.numpy())
+    out = np.empty(d, np.float32)
+    gated_ffn_block(x.numpy(), norm_w.numpy(), 1e-5, view(wgu), view(wd), kind, 2, out)
+    torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-4)

@@ -38,7 +38,7 @@ def rounded_fp32(model):
     return ref
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "opt_project"])
+@pytest.mark.parametrize("kind", ["llama", "llama_relu", "llama_tied", "qwen2", "opt_project"])
 def test_fp16_weights_equal_rounded_fp32(tiny_checkpoint, kind):
     dense = build_model(open_checkpoint(tiny_checkpoint(kind)), progress=False)
     ref = rounded_fp32(dense)

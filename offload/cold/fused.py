@@ -16,12 +16,16 @@ import numpy as np
 from numba import njit, prange
 
 from offload.cold._numba import cold_run
+from offload.cpu_ops import rms_norm_row
 from offload.lowbit import _i4_shadow_run, _topk_union
 
 
 @njit(nogil=True, fastmath=True, cache=True, parallel=True)
-def shadow_topk_cold(x, SW, SB, skind, n, k, W, block, kind, bias, parts, scratch):
+def shadow_topk_cold(x, norm_w, eps, SW, SB, skind, n, k, W, block, kind, bias, parts, scratch):
     """x float32 [1, d] → (output float32 [d], number of neurons computed, out-of-range count).
+
+    norm_w float32 [d] (empty: none): the FFN reads rms_norm(x)·norm_w (eps) and the output is
+    x + FFN(that), the FFN half of a LLaMA block; without it the output is FFN(x).
 
     SW, SB, skind: an Int4Shadow's prepared blocks, biases and kind code; n neurons; k per token.
     W, kind, bias: the ColdFFN's bundle (float32 or uint16 fp16 bits), kernel code and fc1 bias.
@@ -29,6 +33,12 @@ def shadow_topk_cold(x, SW, SB, skind, n, k, W, block, kind, bias, parts, scratc
     parts is zeroed here)."""
     nt = parts.shape[0]
     parts[:] = 0.0
+    if norm_w.shape[0]:
+        xn = np.empty_like(x)
+        rms_norm_row(x[0], norm_w, eps, xn[0])
+    else:
+        xn = x
+    x, res = xn, x
     blocks = SW.shape[0]
     scores = np.empty((1, n), np.float32)
     for c in prange(nt):
@@ -41,4 +51,6 @@ def shadow_topk_cold(x, SW, SB, skind, n, k, W, block, kind, bias, parts, scratc
     out = parts[0, 0].copy()
     for t in range(1, nt):
         out += parts[t, 0]
+    if norm_w.shape[0]:
+        out += res[0]
     return out, idx.shape[0], bad.sum()
