@@ -64,11 +64,14 @@ def main(argv=None) -> int:
     targets = [(cpu_ops, "attention_block", "numba attention_block: norm, qkv, attention, o, residual"),
                (cpu_ops, "attend_one", "numba attend_one: RoPE, cache write, attention"),
                (cpu_ops, "rms_norm_row", "numba rms_norm_row"),
-               (fused, "shadow_topk_cold", "numba shadow_topk_cold: int4 scores, top-k, cold kernel"),
+               (cpu_ops, "gated_ffn_block", "numba gated_ffn_block: norm, gate/up, act, down, residual"),
+               (fused, "shadow_topk_cold", "numba shadow_topk_cold: norm, int4 scores, top-k, cold kernel, residual"),
                (half, "gemv", "numba fp16 GEMV (the head; dense: every matrix)"),
                (llama.Attention, "decode_block", "Attention.decode_block (Python, incl.)"),
                (llama.Attention, "forward", "Attention.forward (Python, incl.)"),
                (hybrid.HybridFFN, "forward", "HybridFFN.forward (Python, incl.)"),
+               (hybrid.HybridFFN, "decode_block", "HybridFFN.decode_block (Python, incl.)"),
+               (llama.GatedFFN, "decode_block", "GatedFFN.decode_block (Python, incl.)"),
                (common.RMSNorm, "forward", "RMSNorm.forward (Python, incl.)"),
                (llama.LlamaModel, "forward", "LlamaModel.forward: a whole step")]
     with torch.inference_mode():
