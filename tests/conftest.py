@@ -58,6 +58,17 @@ def make_tiny_checkpoint(kind: str, path) -> str:
     raise ValueError(kind)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: torch's 2-thread pool only costs there (quantize_int4 of 130 x 576 took 0.36 s
+    with 2 threads on a busy 2-core machine, 2 ms with 1). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """tiny_checkpoint(kind) → path of a saved tiny checkpoint (built once per session)."""

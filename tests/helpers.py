@@ -41,3 +41,25 @@ def interpreter_worker_results(test_file: str, marker: str) -> dict:
         if line.startswith(marker):
             return json.loads(line[len(marker):])
     pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def oracle_relu(mlp):
+    """Exact activity of a ReLU-family FFN as a selector: neurons whose activation is non-zero for any
+    token of x [b, d]."""
+    def select(x):
+        return torch.nonzero((mlp.intermediate(x) != 0).any(0)).flatten()
+    return select
+
+
+def case_result(run, case) -> str:
+    """"ok", or the failure as text, of ``run(case)``: how interpreter cases report to the parent test."""
+    try:
+        run(case)
+        return "ok"
+    except Exception as e:  # reported back to the parent test
+        return f"{type(e).__name__}: {e}"
+
+
+def report_interpreter_results(marker: str, results: dict) -> None:
+    """The child side of interpreter_worker_results: print the results after ``marker``."""
+    print(marker + json.dumps(results), flush=True)

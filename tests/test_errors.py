@@ -88,20 +88,22 @@ def test_unexpected_tensor(tiny_checkpoint, tmp_path):
         build_model(open_checkpoint(ckpt), progress=False)
 
 
+def _set_config(ckpt, **changes):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.update(changes)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+
+
 def test_unsupported_model_type(tiny_checkpoint, tmp_path):
     ckpt = _copy(tiny_checkpoint("llama_relu"), tmp_path)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["model_type"] = "mamba"
-    (ckpt / "config.json").write_text(json.dumps(cfg))
+    _set_config(ckpt, model_type="mamba")
     with pytest.raises(UnsupportedModelError, match="model_type 'mamba' is not supported.*llama.*opt.*qwen2"):
         build_model(open_checkpoint(ckpt), progress=False)
 
 
 def test_unsupported_activation(tiny_checkpoint, tmp_path):
     ckpt = _copy(tiny_checkpoint("llama_relu"), tmp_path)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["hidden_act"] = "gelu_new"
-    (ckpt / "config.json").write_text(json.dumps(cfg))
+    _set_config(ckpt, hidden_act="gelu_new")
     with pytest.raises(UnsupportedModelError, match="hidden_act 'gelu_new'"):
         build_model(open_checkpoint(ckpt), progress=False)
 

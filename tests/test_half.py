@@ -13,7 +13,7 @@ from offload.checkpoint import open_checkpoint
 from offload.hybrid import apply_placement
 from offload.loading import build_model
 
-from helpers import greedy_logits
+from helpers import greedy_logits, oracle_relu
 
 
 @pytest.mark.parametrize("n,d", [(1, 1), (5, 33), (7, 576), (1031, 577)])
@@ -66,12 +66,6 @@ def test_from_pretrained_weights_option(tiny_checkpoint):
         OffloadedModel.from_pretrained(path, weights="int8", progress=False)
     with pytest.raises(ValueError, match="fp32 activations"):
         OffloadedModel.from_pretrained(path, weights="float16", dtype="float16", progress=False)
-
-
-def oracle_relu(mlp):
-    def select(x):
-        return torch.nonzero((mlp.intermediate(x) != 0).any(0)).flatten()
-    return select
 
 
 @pytest.mark.parametrize("kind", ["llama_relu", "opt"])

@@ -12,14 +12,7 @@ from offload.checkpoint import open_checkpoint
 from offload.hybrid import apply_placement
 from offload.loading import build_model
 
-from helpers import greedy_logits
-
-
-def oracle_relu(mlp):
-    """Exact activity of a ReLU-family FFN: neurons whose activation is non-zero for any token."""
-    def select(x):
-        return torch.nonzero((mlp.intermediate(x) != 0).any(0)).flatten()
-    return select
+from helpers import greedy_logits, oracle_relu
 
 
 def topk_selector(mlp, density):

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import interpreter_worker_results
+from helpers import case_result, interpreter_worker_results, report_interpreter_results
 
 from offload.kernels import gather_gemv as gg_mod
 from offload.kernels import sparse_down as sd_mod
@@ -180,11 +179,7 @@ def _run_case(c: dict) -> None:
 
 
 def run_case(name: str) -> str:
-    try:
-        _run_case(CASES[name])
-        return "ok"
-    except Exception as e:  # reported back to the parent test
-        return f"{type(e).__name__}: {e}"
+    return case_result(_run_case, CASES[name])
 
 
 _MARKER = "@@interpreter-results@@"
@@ -546,4 +541,4 @@ def test_cuda_graph_capture_with_padded_idx():
 if __name__ == "__main__" and sys.argv[1:2] == ["--interpreter-worker"]:
     assert interpreter_active(), "run with TRITON_INTERPRET=1 set before triton is imported"
     torch.set_num_threads(1)
-    print(_MARKER + json.dumps({name: run_case(name) for name in CASES}), flush=True)
+    report_interpreter_results(_MARKER, {name: run_case(name) for name in CASES})

@@ -26,14 +26,7 @@ from offload.predict.quant import dequantize_int4, dequantize_int8, quantize_int
 SHAPES = [(37, 72), (130, 576), (9, 40)]  # (n, d): neither a multiple of 8 rows nor of 32 columns
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: torch's 2-thread pool only costs here (quantize_int4 of 130 x 576 took 0.36 s
-    with 2 threads on a busy 2-core machine, 2 ms with 1)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(n, d, seed=0, bias=False):

@@ -11,7 +11,6 @@ Same scheme as tests/test_kernels.py:
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import interpreter_worker_results
+from helpers import case_result, interpreter_worker_results, report_interpreter_results
 
 from offload.kernels import shadow_scores as ss_mod
 from offload.kernels.gather_gemv import interpreter_active
@@ -38,14 +37,7 @@ from offload.predict.quant import dequantize_int4, dequantize_int8, quantize_int
 N, D = 37, 72  # not multiples of BLOCK_N, of the int4 group (32) or of BLOCK_H
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: torch's 2-thread pool only costs here (quantize_int4 of 130 x 576 took 0.36 s
-    with 2 threads on a busy 2-core machine, 2 ms with 1)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -121,11 +113,7 @@ def _run_case(c: dict) -> None:
 
 
 def run_case(name: str) -> str:
-    try:
-        _run_case(CASES[name])
-        return "ok"
-    except Exception as e:  # reported back to the parent test
-        return f"{type(e).__name__}: {e}"
+    return case_result(_run_case, CASES[name])
 
 
 _MARKER = "@@shadow-interpreter-results@@"
@@ -320,4 +308,4 @@ def test_cuda_matches_reference(bits, b):
 if __name__ == "__main__" and sys.argv[1:2] == ["--interpreter-worker"]:
     assert interpreter_active(), "run with TRITON_INTERPRET=1 set before triton is imported"
     torch.set_num_threads(1)
-    print(_MARKER + json.dumps({name: run_case(name) for name in CASES}), flush=True)
+    report_interpreter_results(_MARKER, {name: run_case(name) for name in CASES})
