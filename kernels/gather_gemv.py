@@ -318,16 +318,22 @@ def _gather_gemv_kernel(
 INTERPRETER_CONFIG = {"BLOCK_K": 32, "BLOCK_D": 64}
 
 
-def _cuda_configs(batch_pad: int) -> list:
+def tile_configs(batch_pad: int, outer: str, outer_sizes, inner: str, inner_sizes) -> list:
+    """Autotune configs over two tile sizes (``outer`` × ``inner``, in that order) and 2/4/8 warps that
+    keep >= 8 weight elements per thread per step and the [batch_pad, tile] fp32 accumulator <= 32
+    values per thread (64 at batch 8). Shared by the gather-GEMV and sparse-down kernels."""
     configs = []
-    for block_k in (2, 4, 8, 16, 32):
-        for block_d in (128, 256, 512):
+    for a in outer_sizes:
+        for b in inner_sizes:
             for num_warps in (2, 4, 8):
-                w_per_thread = block_k * block_d // (32 * num_warps)
+                w_per_thread = a * b // (32 * num_warps)
                 if w_per_thread >= 8 and batch_pad * w_per_thread <= max(32, 8 * batch_pad):
-                    configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_D": block_d},
-                                                 num_warps=num_warps, num_stages=3))
+                    configs.append(triton.Config({outer: a, inner: b}, num_warps=num_warps, num_stages=3))
     return configs
+
+
+def _cuda_configs(batch_pad: int) -> list:
+    return tile_configs(batch_pad, "BLOCK_K", (2, 4, 8, 16, 32), "BLOCK_D", (128, 256, 512))
 
 
 def autotune_bench(kernel_call, quantiles):

@@ -51,6 +51,7 @@ from .gather_gemv import (
     gather_gemv_reference,
     gather_gemv_triton,
     resolve_backend,
+    tile_configs,
 )
 
 __all__ = [
@@ -166,15 +167,7 @@ def _cuda_configs(batch_pad: int) -> list:
     # As for gather_gemv: >= 8 weight elements per thread per step (16-byte vector loads), the
     # [BATCH_PAD, BLOCK_K, BLOCK_D] fp32 accumulator <= 32 values per thread (64 at batch 8), and
     # BLOCK_D >= 64 (128-byte fp16 segments per gathered row, one cache line).
-    configs = []
-    for block_d in (64, 128, 256):
-        for block_k in (8, 16, 32, 64):
-            for num_warps in (2, 4, 8):
-                w_per_thread = block_k * block_d // (32 * num_warps)
-                if w_per_thread >= 8 and batch_pad * w_per_thread <= max(32, 8 * batch_pad):
-                    configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_D": block_d},
-                                                 num_warps=num_warps, num_stages=3))
-    return configs
+    return tile_configs(batch_pad, "BLOCK_D", (64, 128, 256), "BLOCK_K", (8, 16, 32, 64))
 
 
 _tuned_kernels: dict = {}

@@ -62,10 +62,17 @@ def tapped(model, hook):
             layer.mlp = mlp
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _run_tapped(net, wins: torch.Tensor, hook, desc: str, progress: bool) -> None:
+    """Run each window of ``wins`` [m, t] through ``net`` (fresh context per window) with every FFN
+    calling ``hook(layer, x, act)``; a progress bar counts tokens."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tok", disable=not enabled, leave=False)
+    device = next(net.parameters()).device
+    with tqdm(total=wins.numel(), desc=desc, unit="tok", disable=not progress, leave=False) as bar, \
+            tapped(net, hook):
+        for w in wins:
+            net(w.unsqueeze(0).to(device), last_only=True)
+            bar.update(w.numel())
 
 
 @dataclass
@@ -186,13 +193,7 @@ def profile_model(model, ids: torch.Tensor, *, density: float | None = None, win
             thr_sum[i] += float(top.values.min(-1).values.sum())
         seen[i] += a.shape[0]
 
-    device = next(net.parameters()).device
-    bar = _progress(wins.numel(), "profile", progress)
-    with tapped(net, hook):
-        for w in wins:
-            net(w.unsqueeze(0).to(device), last_only=True)
-            bar.update(w.numel())
-    bar.close()
+    _run_tapped(net, wins, hook, "profile", progress)
     thresholds = None if density is None else [s / max(1, t) for s, t in zip(thr_sum, seen)]
     return Profile(identity, kind, [c.numpy() for c in counts], seen, density, thresholds, int(wins.shape[1]),
                    source, source_digest, {"n": n})
@@ -209,11 +210,5 @@ def capture_ffn_inputs(model, wins: torch.Tensor, *, dtype: torch.dtype = torch.
     def hook(i, x, act):
         chunks[i].append(x.reshape(-1, x.shape[-1]).to(dtype).cpu())
 
-    device = next(net.parameters()).device
-    bar = _progress(wins.numel(), "capture", progress)
-    with tapped(net, hook):
-        for w in wins:
-            net(w.unsqueeze(0).to(device), last_only=True)
-            bar.update(w.numel())
-    bar.close()
+    _run_tapped(net, wins, hook, "capture", progress)
     return [torch.cat(c) for c in chunks]
