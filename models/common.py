@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -74,22 +75,19 @@ def one_token_cpu_decode(x: torch.Tensor) -> bool:
 _lazy: dict = {}  # numba-backed modules, imported on first use (numba's import costs ~0.7 s)
 
 
-def _cpu_ops():
-    mod = _lazy.get("cpu_ops")
+def _offload_module(name: str):
+    mod = _lazy.get(name)
     if mod is None:
-        from offload import cpu_ops as mod
-
-        _lazy["cpu_ops"] = mod
+        mod = _lazy[name] = importlib.import_module(f"offload.{name}")
     return mod
+
+
+def _cpu_ops():
+    return _offload_module("cpu_ops")
 
 
 def _half():
-    mod = _lazy.get("half")
-    if mod is None:
-        from offload import half as mod
-
-        _lazy["half"] = mod
-    return mod
+    return _offload_module("half")
 
 
 def empty_param(shape, dtype, device) -> nn.Parameter:

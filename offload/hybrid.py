@@ -149,7 +149,6 @@ class HybridFFN(nn.Module):
         self._fused = self._fused_decode_args()
         if self._fused is not None:  # compile or load the kernel now, not during the first decode step
             _fused_kernel()(np.zeros((1, d), np.float32), _NO_NORM, 0.0, *self._fused)
-            _fused_kernel()(np.zeros((1, d), np.float32), np.ones(d, np.float32), 1e-6, *self._fused)
 
     def _fused_decode_args(self):
         """Arguments of offload.cold.fused.shadow_topk_cold when this layer can use it (every neuron
