@@ -74,6 +74,23 @@ def as_f32(typingctx, v):
     return None
 
 
+def _element_pointer_and_prefetch(context, builder, arr_type, arr, start):
+    """Codegen shared by the prefetch intrinsics: (i8* of flat element ``start``, llvm.prefetch)."""
+    ary = context.make_array(arr_type)(context, builder, arr)
+    i8p = ir.IntType(8).as_pointer()
+    itemsize = context.get_abi_sizeof(context.get_data_type(arr_type.dtype))
+    ptr = builder.gep(builder.bitcast(ary.data, i8p), [builder.mul(start, ir.Constant(start.type, itemsize))])
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+    return ptr, fn
+
+
+def _prefetch_args(ptr):
+    i32 = ir.IntType(32)
+    return [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]  # read, keep in all caches, data
+
+
 @intrinsic
 def _prefetch_bytes(typingctx, arr, start, nbytes):
     """Ask the cache for ``nbytes`` of ``arr``'s data from flat element ``start`` on (one prefetch
@@ -84,17 +101,10 @@ def _prefetch_bytes(typingctx, arr, start, nbytes):
     sig = types.void(arr, types.intp, types.intp)
 
     def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        base = builder.bitcast(ary.data, i8p)
-        itemsize = context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))
-        base = builder.gep(base, [builder.mul(args[1], ir.Constant(args[1].type, itemsize))])
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-        with cgutils.for_range_slice(builder, ir.Constant(args[2].type, 0), args[2], ir.Constant(args[2].type, 64)) \
-                as (off, _):
-            builder.call(fn, [builder.gep(base, [off]), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        base, fn = _element_pointer_and_prefetch(context, builder, sig.args[0], args[0], args[1])
+        step = ir.Constant(args[2].type, 64)
+        with cgutils.for_range_slice(builder, ir.Constant(args[2].type, 0), args[2], step) as (off, _):
+            builder.call(fn, _prefetch_args(builder.gep(base, [off])))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -108,14 +118,8 @@ def _prefetch_line(typingctx, arr, start):
     sig = types.void(arr, types.intp)
 
     def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        itemsize = context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))
-        ptr = builder.gep(builder.bitcast(ary.data, i8p), [builder.mul(args[1], ir.Constant(args[1].type, itemsize))])
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        ptr, fn = _element_pointer_and_prefetch(context, builder, sig.args[0], args[0], args[1])
+        builder.call(fn, _prefetch_args(ptr))
         return context.get_dummy_value()
 
     return sig, codegen

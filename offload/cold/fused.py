@@ -4,8 +4,9 @@ and the cold kernel, on numba's pool.
 The separate path (Int4Shadow.scores → topk_indices → ColdFFN.forward) makes three numba calls and
 a dozen NumPy/torch conversions and checks per layer: measured ~75 µs of a 310 µs SmolLM2 layer
 (2.3 ms of a 21 ms token). Here the predictor's prepared arrays and the bundled cold weights are
-passed once per call; the parts are the same kernels (offload.lowbit's ``_i4_shadow_run`` and
-``_topk_union``, offload.cold._numba's ``cold_run``), so results equal the separate path's.
+passed once per call; the parts are the same kernels (offload.lowbit's ``_i4_shadow_parallel`` and
+``_topk_union``, offload.cold._numba's ``cold_parallel``, each parallel one launched on numba's pool
+from this serial function), so results equal the separate path's.
 
 Used by HybridFFN when every neuron is cold, the device is the CPU, one token is decoded, the
 selector is an int4 shadow and the cold kernel runs on numba's pool (offload.hybrid).
@@ -13,14 +14,14 @@ selector is an int4 shadow and the cold kernel runs on numba's pool (offload.hyb
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from offload.cold._numba import cold_run
+from offload.cold._numba import cold_parallel
 from offload.cpu_ops import rms_norm_row
-from offload.lowbit import _i4_shadow_run, _topk_union
+from offload.lowbit import _i4_shadow_parallel, _topk_union
 
 
-@njit(nogil=True, fastmath=True, cache=True, parallel=True)
+@njit(nogil=True, fastmath=True, cache=True)
 def shadow_topk_cold(x, norm_w, eps, SW, SB, skind, n, k, W, block, kind, bias, parts, scratch):
     """x float32 [1, d] → (output float32 [d], number of neurons computed, out-of-range count).
 
@@ -38,19 +39,13 @@ def shadow_topk_cold(x, norm_w, eps, SW, SB, skind, n, k, W, block, kind, bias, 
         rms_norm_row(x[0], norm_w, eps, xn[0])
     else:
         xn = x
-    x, res = xn, x
-    blocks = SW.shape[0]
     scores = np.empty((1, n), np.float32)
-    for c in prange(nt):
-        _i4_shadow_run(x, SW, SB, skind, blocks * c // nt, blocks * (c + 1) // nt, scores)
+    _i4_shadow_parallel(xn, SW, SB, skind, min(nt, SW.shape[0]), scores)
     idx = _topk_union(scores, k)
-    ctl = np.zeros(2 + nt, np.int64)
-    bad = np.zeros(nt, np.int64)
-    for tid in prange(nt):
-        bad[tid] = cold_run(W, x, idx, ctl, tid, block, kind, bias, parts[tid], scratch[tid])
+    bad = cold_parallel(W, xn, idx, np.zeros(2 + nt, np.int64), block, kind, bias, parts, scratch)
     out = parts[0, 0].copy()
     for t in range(1, nt):
         out += parts[t, 0]
     if norm_w.shape[0]:
-        out += res[0]
-    return out, idx.shape[0], bad.sum()
+        out += x[0]
+    return out, idx.shape[0], bad
