@@ -16,7 +16,9 @@ import math
 import numpy as np
 from numba import njit
 
-from offload.half import gemv_parallel
+from offload.half import gemv_parallel, pool_threads
+
+pool_threads()  # start numba's pool: the blocks below call gemv_parallel from compiled code
 
 
 @njit(nogil=True, fastmath=True, cache=True)

@@ -112,7 +112,11 @@ _pool_threads: list[int] = []
 
 def pool_threads() -> int:
     """Threads of numba's pool (NUMBA_NUM_THREADS, default the CPU count), read once: numba's own
-    getter launches its pool from Python on every call (~15 µs, 60 times a SmolLM2 token)."""
+    getter launches its pool from Python on every call (~15 µs, 60 times a SmolLM2 token).
+
+    The first call also starts the pool. Compiled code that calls a parallel kernel (offload.cpu_ops,
+    offload.cold.fused) does not start it, and such a call before the pool is up segfaults: those
+    modules call this when they are imported."""
     if not _pool_threads:
         _pool_threads.append(numba.get_num_threads())
     return _pool_threads[0]

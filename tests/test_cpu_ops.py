@@ -1,6 +1,9 @@
 """The numba one-token decode ops (offload.cpu_ops) against the torch paths they replace."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +99,12 @@ def test_gated_ffn_block_matches_torch(kind, fp16):
     out = np.empty(d, np.float32)
     gated_ffn_block(x.numpy(), norm_w.numpy(), 1e-5, view(wgu), view(wd), kind, 2, out)
     torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_callers_of_parallel_kernels_work_in_a_fresh_process():
+    """attention_block / gated_ffn_block call a parallel kernel from compiled code, which does not start
+    numba's pool; before the pool was started on import, the first such call in a process (the fp32
+    `offload generate`) segfaulted."""
+    code = "from offload import cpu_ops; cpu_ops.warmup(); print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])

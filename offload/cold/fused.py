@@ -18,7 +18,10 @@ from numba import njit
 
 from offload.cold._numba import cold_parallel
 from offload.cpu_ops import rms_norm_row
+from offload.half import pool_threads
 from offload.lowbit import _i4_shadow_parallel, _topk_union
+
+pool_threads()  # start numba's pool: shadow_topk_cold calls parallel kernels from compiled code
 
 
 @njit(nogil=True, fastmath=True, cache=True)
