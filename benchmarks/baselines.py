@@ -18,6 +18,16 @@ import time
 
 import torch
 
+PROMPT = "Write a short story about a robot who learns to paint."  # the chat prompt every decode run uses
+
+
+def offload_rates(m, ids, new_tokens):
+    """(decode tok/s, prefill tok/s) of an OffloadedModel generating ``new_tokens`` after ``ids``, EOS
+    ignored (its own timings: decode = the tokens after the first, over the time after it)."""
+    m.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
+    s = m.last_stats
+    return s.decode_tokens_per_second, s.prefill_tokens_per_second
+
 
 def hf_rates(model, ids, new_tokens):
     """(decode tok/s, prefill tok/s) of transformers' generate: a 1-token generate is the prefill, and

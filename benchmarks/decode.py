@@ -36,7 +36,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-PROMPT = "Write a short story about a robot who learns to paint."
 
 
 # ---------------------------------------------------------------- pure pieces (tested without a model)
@@ -172,18 +171,16 @@ def build_engines(args, path, log):
         raise SystemExit("--budget is required with --device cuda")
     gen = torch.Generator().manual_seed(0)
     pp_ids = torch.randint(0, dense.config.vocab_size, (1, args.pp), generator=gen)
-    tg_ids = dense.chat_ids(PROMPT)
+    tg_ids = dense.chat_ids(bl.PROMPT)
     engines, skipped = [], []
     fits = plan.fixed_bytes + plan.ffn_bytes <= budget  # the whole model in the budget
 
     def ours(name, m, budget=None, hybrid=False):
         def pp():
-            m.generate(pp_ids, max_new_tokens=1, eos_token_id=[])
-            return m.last_stats.prefill_tokens_per_second
+            return bl.offload_rates(m, pp_ids, 1)[1]
 
         def tg(n):
-            m.generate(tg_ids, max_new_tokens=n, eos_token_id=[])
-            return m.last_stats.decode_tokens_per_second
+            return bl.offload_rates(m, tg_ids, n)[0]
 
         def nbytes():
             if not hybrid:

@@ -11,19 +11,10 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import torch
 
-from baselines import hf_rates as run_hf  # benchmarks/ is on sys.path
-
-PROMPT = "Write a short story about a robot who learns to paint."
-
-
-def run_ours(m, ids, new_tokens):
-    m.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
-    s = m.last_stats
-    return s.decode_tokens_per_second, s.prefill_tokens_per_second
+from baselines import PROMPT, load_transformers, offload_rates as run_ours, hf_rates as run_hf  # benchmarks/ on sys.path
 
 
 def main(argv=None) -> int:
@@ -36,14 +27,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from transformers import AutoModelForCausalLM
-
     from offload import OffloadedModel
     from offload.checkpoint import default_model_path
 
     path = args.model or default_model_path()
     ours = OffloadedModel.from_pretrained(path, progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=path, dtype=torch.float32).eval()
+    hf = load_transformers(path)
     ids = ours.chat_ids(PROMPT)
     run_ours(ours, ids, 8), run_hf(hf, ids, 8)  # warm-up
     rates = {"ours": [], "transformers": []}

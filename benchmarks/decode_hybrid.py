@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 
 import torch
 
-from decode_dense import PROMPT, run_hf as hf_decode_and_prefill_rates  # benchmarks/ is on sys.path
+from baselines import PROMPT, hf_rates, load_transformers, offload_rates  # benchmarks/ is on sys.path
 
 
 def main(argv=None) -> int:
@@ -28,8 +27,6 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-split", type=float, nargs="+", default=[0.0, 1.0])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    from transformers import AutoModelForCausalLM
 
     from offload import OffloadedModel
     from offload.checkpoint import default_model_path
@@ -48,15 +45,14 @@ def main(argv=None) -> int:
         budget = plan.fixed_bytes + int(split * plan.ffn_bytes) + 1
         m.offload(budget, device=torch.device("cpu"), context=1024, prepared=prepared, progress=False)
         engines[f"ours hybrid, {split:.0%} hot"] = m
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=path, dtype=torch.float32).eval()
+    hf = load_transformers(path)
     ids = dense.chat_ids(PROMPT)
 
     def run_hf(n):
-        return hf_decode_and_prefill_rates(hf, ids, n)[0]
+        return hf_rates(hf, ids, n)[0]
 
     def run_ours(m, n):
-        m.generate(ids, max_new_tokens=n, eos_token_id=[])
-        return m.last_stats.decode_tokens_per_second
+        return offload_rates(m, ids, n)[0]
 
     rates = {name: [] for name in ["transformers", *engines]}
     bytes_per_token = {}

@@ -28,7 +28,6 @@ import os
 import statistics
 import time
 
-PROMPT = "Write a short story about a robot who learns to paint."
 
 
 def sweep_budgets(fixed_bytes: int, ffn_bytes: int, fractions) -> list[int]:
@@ -99,7 +98,7 @@ def main(argv=None) -> int:
     plan = plan_memory(dense.checkpoint.config, dtype=dtype, device=device, context=args.context,
                        predictor_bytes=prepared.predictors.nbytes // layers, shapes=dense.checkpoint.shapes)
     budgets = sweep_budgets(plan.fixed_bytes, plan.ffn_bytes, [float(f) for f in args.fractions.split(",")])
-    ids = dense.chat_ids(PROMPT)
+    ids = dense.chat_ids(bl.PROMPT)
     is_gguf = path.endswith(".gguf")
     skipped = []
     if not cuda:
@@ -108,8 +107,7 @@ def main(argv=None) -> int:
         skipped.append("accelerate: this script loads it from GGUF files only")
 
     def ours_tg(m):
-        m.generate(ids, max_new_tokens=args.tg, eos_token_id=[])
-        return m.last_stats.decode_tokens_per_second
+        return bl.offload_rates(m, ids, args.tg)[0]
 
     rows = []
     for budget in budgets:

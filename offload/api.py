@@ -74,7 +74,7 @@ def _fast_selector(predictor, selector, device: torch.device, spinning_pool: boo
 
 
 def _cpu_shadow_selector(predictor, spinning_pool: bool):
-    from offload.lowbit import shadow_from_predictor, topk_indices
+    from offload.lowbit import shadow_from_predictor
     from offload.sparse import topk_count
 
     if spinning_pool:

@@ -116,8 +116,6 @@ def test_hub_id_offline_not_cached(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_checkpoint):
-    from transformers import PreTrainedTokenizerFast  # noqa: F401  (tokenizer is not needed here)
-
     path = tiny_checkpoint("llama_relu")
     ckpt = open_checkpoint(path)
     return OffloadedModel(build_model(ckpt, progress=False), None, ckpt, device=torch.device("cpu"))
