@@ -88,3 +88,17 @@ def test_repetition_penalty_matches_transformers_processor():
     seen = torch.tensor([[1, 4, 4, 9], [0, 2, 3, 3]])
     expected = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
     assert torch.allclose(apply_repetition_penalty(logits, seen, 1.3), expected)
+
+
+def test_cli_generate_in_a_fresh_process(smollm2_gguf):
+    """The README's main job as a user runs it: the `offload generate` script in its own process (a crash
+    that only a fresh process shows, such as numba's pool not yet started, fails here)."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(sys.executable), "offload")
+    cmd = [script, "generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "12"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Paris" in proc.stdout and "decode:" in proc.stderr, (proc.stdout, proc.stderr[-1000:])
