@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     import triton
     import triton.testing
 
-    from offload.kernels.gather_gemv import gather_gemv, _tuned_kernels as gg_tuned
-    from offload.kernels.sparse_down import sparse_down, _tuned_kernels as sd_tuned
+    from offload.kernels.gather_gemv import gather_gemv, tuned_kernels as gg_tuned
+    from offload.kernels.sparse_down import sparse_down, tuned_kernels as sd_tuned
 
     dev, dtype, b, d, n = "cuda", DTYPES[args.dtype], args.batch, args.d, args.n
     elt = torch.tensor([], dtype=dtype).element_size()

@@ -56,7 +56,7 @@ pydoc_data.topics, disjoint by topic; 256-token windows)
    proxy errors of calibration inputs, same mean): int4 global 0.50 → 1.0418, per-layer → 1.0747;
    global 0.55 → 1.0256, per-layer → 1.0594. Equal-weight relative output error is a bad proxy of a
    layer's effect on the loss (it starves layers 2, 11, 28, 29); global density wins.
-   From DESIGN.md §4 (same model): low-rank MLP predictor (rank 96, BCE) ×6.7 at 0.5, ×1.64 at 0.8;
+   Measured earlier on the same model: low-rank MLP predictor (rank 96, BCE) ×6.7 at 0.5, ×1.64 at 0.8;
    rank-64 / rank-128 SVD shadows ×11.18 / ×3.50 at 0.5 — the weights are far from low rank.
 
 3. Chosen: int4 shadow (groups of 32, searched scales, fp16), top-k per token, one global density

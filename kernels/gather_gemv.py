@@ -38,14 +38,18 @@ Three ways to compute it (see ``resolve_backend``):
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 import triton.testing
-from triton.runtime.jit import JITFunction
+
+from offload.models.ffn_kind import FFNKind
+
+from .launch import (BACKENDS, MAX_BATCH, check_float, check_idx, check_last_dim_contiguous, check_no_grad,
+                     check_same_device, check_tensor, check_token_rows, device_guard, interpreter_active,
+                     require_triton_device, resolve_backend, use_fixed_config)
 
 __all__ = [
     "ACTIVATIONS",
@@ -58,150 +62,21 @@ __all__ = [
     "resolve_backend",
 ]
 
-ACTIVATIONS = ("swiglu", "relu", "drelu", "relu_fc")
-BACKENDS = ("auto", "triton", "torch")
-# Decode-sized batches only: the batch is padded to a power of two inside one program and held in
-# registers next to the weight tile. Larger batches (prefill) belong to a dense GEMM.
-MAX_BATCH = 8
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-# --------------------------------------------------------------------------------------------------
-# Backend selection (shared with sparse_down.py)
-# --------------------------------------------------------------------------------------------------
-def interpreter_active() -> bool:
-    """True when this module's Triton kernels run in Triton's CPU interpreter.
-
-    Triton decides at import time: ``@triton.jit`` returns an interpreted function, for our kernels
-    and for triton.language's own helpers (``tl.sum``, ``tl.sigmoid``), only if
-    ``TRITON_INTERPRET=1`` was in the environment when triton and this module were imported.
-    Setting the variable later has no effect, so this checks what actually happened.
-    """
-    return not isinstance(_gather_gemv_kernel, JITFunction)
-
-
-def resolve_backend(device: torch.device, backend: str = "auto") -> str:
-    """Which implementation runs for tensors on ``device``: "triton" or "torch".
-
-    ``backend="auto"`` (what the registered ``torch.ops.offload.*`` operators do):
-
-    ================================  ===========================================================
-    CUDA tensors                      "triton": the compiled Triton kernel
-    CPU tensors, interpreter active   "triton": the same kernel in Triton's interpreter (tests;
-                                      ~10 ms per program instance, so small shapes only)
-    CPU tensors otherwise             "torch": the torch reference (the hot side when the runtime
-                                      runs with ``device="cpu"``)
-    ================================  ===========================================================
-
-    ``backend="triton"`` / ``"torch"`` force one; "triton" on CPU without the interpreter raises.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    device = torch.device(device)
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"tensors must be on a CUDA or CPU device, got {device}")
-    if backend != "auto":
-        return backend
-    if device.type == "cuda" or interpreter_active():
-        return "triton"
-    return "torch"
-
-
-def _require_triton_device(device: torch.device, op: str) -> None:
-    if device.type == "cpu" and not interpreter_active():
-        raise ValueError(
-            f"{op}: the Triton kernel got CPU tensors but Triton is not in interpreter mode "
-            "(set TRITON_INTERPRET=1 before importing triton to run it on CPU for tests); "
-            "use backend='torch' (or 'auto') for the CPU reference path")
-
-
-def _use_fixed_config(device: torch.device) -> bool:
-    # The interpreter has no timings worth tuning on (and autotuning there takes minutes).
-    return device.type == "cpu" or interpreter_active()
-
-
-def _device_guard(device: torch.device):
-    # Triton launches on the *current* CUDA device; make it the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------------------------------
-# Argument checks (shared with sparse_down.py). They read only metadata, so they also run on the
-# fake tensors torch.compile traces with; nothing here syncs with the device.
-# --------------------------------------------------------------------------------------------------
-def _check_tensor(name: str, t, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
-def _check_float(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-
-
-def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
-    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(
-            f"{name} must be contiguous along its last dimension (stride(-1) == 1), got strides "
-            f"{tuple(t.stride())}; call .contiguous()")
-
-
-def _check_idx(idx, device: torch.device) -> None:
-    _check_tensor("idx", idx, 1)
-    if idx.dtype != torch.int32:
-        raise TypeError(f"idx must be torch.int32, got {idx.dtype}; convert with idx.to(torch.int32)")
-    _check_last_dim_contiguous("idx", idx)
-    _check_same_device("idx", idx, device)
-
-
-def _check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
-    if t.device != device:
-        raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"{name}: tensors must be on a CUDA or CPU device, got {device}")
-
-
-def _check_no_grad(op: str, **tensors) -> None:
-    if torch.is_grad_enabled():
-        for name, t in tensors.items():
-            if t is not None and t.requires_grad:
-                raise ValueError(
-                    f"{op}: {name} requires grad, but the sparse FFN kernels are inference-only (no "
-                    "autograd formula); call under torch.inference_mode() or torch.no_grad()")
-
-
-def _check_batch(name: str, b: int) -> None:
-    if not 1 <= b <= MAX_BATCH:
-        raise ValueError(
-            f"{name} must have 1..{MAX_BATCH} rows (tokens), got {b}; the sparse kernels are for "
-            "decode, use a dense matmul for larger batches")
-
-
-def _check_token_rows(name: str, t) -> tuple[int, int]:
-    """The per-token input of a decode kernel: a 2-D float tensor [b ≤ MAX_BATCH, d] on a CPU or CUDA
-    device, contiguous along d. Returns (b, d)."""
-    _check_tensor(name, t, 2)
-    _check_float(name, t)
-    _check_last_dim_contiguous(name, t)
-    _check_same_device(name, t, t.device)
-    _check_batch(name, t.shape[0])
-    return t.shape[0], t.shape[1]
+ACTIVATIONS = tuple(k.value for k in FFNKind)  # the ACTIVATION constexpr: models.ffn_kind's names
 
 
 def check_gather_gemv_args(x, w1, idx, w2=None, b1=None, activation: str = "swiglu") -> None:
     """Raise ValueError/TypeError, naming the argument, unless the inputs are supported."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    b, d = _check_token_rows("x", x)
-    _check_tensor("w1", w1, 2)
-    _check_float("w1", w1)
+    b, d = check_token_rows("x", x)
+    check_tensor("w1", w1, 2)
+    check_float("w1", w1)
     if w1.shape[1] != d:
         raise ValueError(f"w1 must have shape [n, d={d}] (one row per neuron, d = x.shape[1]), "
                          f"got {tuple(w1.shape)}")
-    _check_last_dim_contiguous("w1", w1)
-    _check_same_device("w1", w1, x.device)
+    check_last_dim_contiguous("w1", w1)
+    check_same_device("w1", w1, x.device)
     n = w1.shape[0]
     if activation == "relu_fc":
         if w2 is not None:
@@ -210,21 +85,21 @@ def check_gather_gemv_args(x, w1, idx, w2=None, b1=None, activation: str = "swig
         if w2 is None:
             raise ValueError(f"w2 (up_proj rows, shape [n, d]) is required for activation "
                              f"{activation!r}")
-        _check_tensor("w2", w2, 2)
-        _check_float("w2", w2)
+        check_tensor("w2", w2, 2)
+        check_float("w2", w2)
         if tuple(w2.shape) != tuple(w1.shape):
             raise ValueError(f"w2 must have the shape of w1 {tuple(w1.shape)}, got {tuple(w2.shape)}")
-        _check_last_dim_contiguous("w2", w2)
-        _check_same_device("w2", w2, x.device)
+        check_last_dim_contiguous("w2", w2)
+        check_same_device("w2", w2, x.device)
     if b1 is not None:
-        _check_tensor("b1", b1, 1)
-        _check_float("b1", b1)
+        check_tensor("b1", b1, 1)
+        check_float("b1", b1)
         if b1.shape[0] != n:
             raise ValueError(f"b1 must have shape [n={n}] (one bias per neuron), got {tuple(b1.shape)}")
-        _check_last_dim_contiguous("b1", b1)
-        _check_same_device("b1", b1, x.device)
-    _check_idx(idx, x.device)
-    _check_no_grad("gather_gemv", x=x, w1=w1, w2=w2, b1=b1)
+        check_last_dim_contiguous("b1", b1)
+        check_same_device("b1", b1, x.device)
+    check_idx(idx, x.device)
+    check_no_grad("gather_gemv", x=x, w1=w1, w2=w2, b1=b1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,15 +218,15 @@ def autotune_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
-_tuned_kernels: dict = {}
+tuned_kernels: dict = {}
 
 
 def _tuned_kernel(batch_pad: int):
-    if batch_pad not in _tuned_kernels:
-        _tuned_kernels[batch_pad] = triton.autotune(
+    if batch_pad not in tuned_kernels:
+        tuned_kernels[batch_pad] = triton.autotune(
             configs=_cuda_configs(batch_pad), key=["D", "K_BUCKET", "ACTIVATION", "HAS_B1"],
             do_bench=autotune_bench, cache_results=True)(_gather_gemv_kernel)
-    return _tuned_kernels[batch_pad]
+    return tuned_kernels[batch_pad]
 
 
 def gather_gemv_triton(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,
@@ -362,7 +237,7 @@ def gather_gemv_triton(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,
     No device sync: safe inside CUDA-graph capture once autotuning for the shape has run.
     """
     check_gather_gemv_args(x, w1, idx, w2, b1, activation)
-    _require_triton_device(x.device, "gather_gemv")
+    require_triton_device(x.device, "gather_gemv")
     b, d = x.shape
     n = w1.shape[0]
     k = idx.shape[0]
@@ -376,8 +251,8 @@ def gather_gemv_triton(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,
             triton.next_power_of_2(k))
     meta = dict(ACTIVATION=activation, HAS_W2=has_w2, HAS_B1=has_b1,
                 BATCH_PAD=triton.next_power_of_2(b), enable_fp_fusion=True)
-    with _device_guard(x.device):
-        if _use_fixed_config(x.device):
+    with device_guard(x.device):
+        if use_fixed_config(x.device):
             cfg = INTERPRETER_CONFIG
             _gather_gemv_kernel[(triton.cdiv(k, cfg["BLOCK_K"]),)](*args, **meta, **cfg)
         else:

@@ -1,6 +1,6 @@
-"""Shadow-predictor scores from packed low-bit gate/up rows: the GPU side of offload.lowbit.
+"""Shadow-predictor scores from packed low-bit gate/up rows: the GPU side of offload.cpu.shadow.
 
-The quantized shadow of a gated FFN (offload/predict/shadow.py, DESIGN.md §4) scores every neuron
+The quantized shadow of a gated FFN (offload/predict/shadow.py) scores every neuron
 of a layer from low-bit copies of its gate and up rows; the top-k scores pick the neurons computed
 exactly. For a batch of ``b`` tokens (decode, 1..8), ``n`` neurons, model width ``d``::
 
@@ -22,7 +22,7 @@ even group size dividing d_pad works (the library's default is 32).
 
 The kernels read the packed bytes once and dequantize in registers (fp32 accumulation): 0.5 + 2/group
 bytes per weight for int4 (0.5625 at group 32, 1/7 of fp32), instead of the reference's dequantized
-fp32 copy. On the CPU the fast path is ``offload.lowbit.Int4Shadow`` (numba/LLVM, prepared layout);
+fp32 copy. On the CPU the fast path is ``offload.cpu.shadow.Int4Shadow`` (numba/LLVM, prepared layout);
 here the CPU backends are Triton's interpreter (tests) and the torch reference.
 
 Backends, as in gather_gemv.py (see ``resolve_backend``): ``shadow_scores_int4_triton`` (the
@@ -38,20 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .gather_gemv import (
-    BACKENDS,
-    _check_float,
-    _check_last_dim_contiguous,
-    _check_no_grad,
-    _check_same_device,
-    _check_tensor,
-    _check_token_rows,
-    _device_guard,
-    _require_triton_device,
-    _use_fixed_config,
-    autotune_bench,
-    resolve_backend,
-)
+from .gather_gemv import autotune_bench
+from .launch import (BACKENDS, check_float, check_last_dim_contiguous, check_no_grad, check_same_device, check_tensor,
+                     check_token_rows, device_guard, require_triton_device, resolve_backend, use_fixed_config)
 
 __all__ = [
     "KINDS",
@@ -76,17 +65,17 @@ def check_shadow_args(bits: int, x, q_gate, s_gate, q_up, s_up, gate_bias=None, 
     """Raise ValueError/TypeError, naming the argument, unless the inputs are supported."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r} (relu_fc/OPT has no gate to shadow)")
-    b, d = _check_token_rows("x", x)
+    b, d = check_token_rows("x", x)
     for name, q, s in (("q_gate", q_gate, s_gate), ("q_up", q_up, s_up)):
         sname = "s" + name[1:]
-        _check_tensor(name, q, 2)
-        _check_last_dim_contiguous(name, q)
-        _check_same_device(name, q, x.device)
+        check_tensor(name, q, 2)
+        check_last_dim_contiguous(name, q)
+        check_same_device(name, q, x.device)
         n = q.shape[0]
         if bits == 4:
             if q.dtype != torch.uint8:
                 raise TypeError(f"{name} must be torch.uint8 (two int4 nibbles per byte), got {q.dtype}")
-            _check_tensor(sname, s, 2)
+            check_tensor(sname, s, 2)
             d_pad = 2 * q.shape[1]
             groups = s.shape[1]
             if s.shape[0] != n or groups == 0 or d_pad % groups or (d_pad // groups) % 2:
@@ -101,15 +90,15 @@ def check_shadow_args(bits: int, x, q_gate, s_gate, q_up, s_up, gate_bias=None, 
                 raise TypeError(f"{name} must be torch.int8, got {q.dtype}")
             if q.shape[1] != d:
                 raise ValueError(f"{name} must have shape [n, d={d}], got {tuple(q.shape)}")
-            _check_tensor(sname, s, 1)
+            check_tensor(sname, s, 1)
             if s.shape[0] != n:
                 raise ValueError(f"{sname} must have shape [n={n}] (one scale per row), got {tuple(s.shape)}")
         else:
             raise ValueError(f"bits must be 4 or 8, got {bits}")
         if s.dtype not in SCALE_DTYPES:
             raise TypeError(f"{sname} must be float16, bfloat16 or float32, got {s.dtype}")
-        _check_last_dim_contiguous(sname, s)
-        _check_same_device(sname, s, x.device)
+        check_last_dim_contiguous(sname, s)
+        check_same_device(sname, s, x.device)
     if tuple(q_up.shape) != tuple(q_gate.shape) or tuple(s_up.shape) != tuple(s_gate.shape):
         raise ValueError(f"q_up/s_up must have the shapes of q_gate/s_gate {tuple(q_gate.shape)}, "
                          f"{tuple(s_gate.shape)}; got {tuple(q_up.shape)}, {tuple(s_up.shape)}")
@@ -118,13 +107,13 @@ def check_shadow_args(bits: int, x, q_gate, s_gate, q_up, s_up, gate_bias=None, 
     if gate_bias is not None:
         n = q_gate.shape[0]
         for name, v in (("gate_bias", gate_bias), ("up_bias", up_bias)):
-            _check_tensor(name, v, 1)
-            _check_float(name, v)
+            check_tensor(name, v, 1)
+            check_float(name, v)
             if v.shape[0] != n:
                 raise ValueError(f"{name} must have shape [n={n}], got {tuple(v.shape)}")
-            _check_last_dim_contiguous(name, v)
-            _check_same_device(name, v, x.device)
-    _check_no_grad("shadow_scores", x=x, gate_bias=gate_bias, up_bias=up_bias)
+            check_last_dim_contiguous(name, v)
+            check_same_device(name, v, x.device)
+    check_no_grad("shadow_scores", x=x, gate_bias=gate_bias, up_bias=up_bias)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,7 +289,7 @@ def shadow_scores_int4_triton(x: torch.Tensor, q_gate: torch.Tensor, s_gate: tor
                               up_bias: Optional[torch.Tensor] = None, kind: str = "swiglu") -> torch.Tensor:
     """Launch the int4 kernel: scores [b, n] float32. Raises on unsupported inputs (module doc)."""
     check_shadow_args(4, x, q_gate, s_gate, q_up, s_up, gate_bias, up_bias, kind)
-    _require_triton_device(x.device, "shadow_scores_int4")
+    require_triton_device(x.device, "shadow_scores_int4")
     b, d = x.shape
     n, h = q_gate.shape
     out = torch.empty((b, n), device=x.device, dtype=torch.float32)
@@ -313,8 +302,8 @@ def shadow_scores_int4_triton(x: torch.Tensor, q_gate: torch.Tensor, s_gate: tor
     args = (x, q_gate, s_gate, q_up, s_up, gate_bias if has_bias else s_gate, up_bias if has_bias else s_up, out,
             b, n, d, h, group_bytes, x.stride(0), q_gate.stride(0), s_gate.stride(0), out.stride(0))
     meta = dict(KIND=kind, HAS_BIAS=has_bias, BATCH_PAD=triton.next_power_of_2(b), enable_fp_fusion=True)
-    with _device_guard(x.device):
-        if _use_fixed_config(x.device):
+    with device_guard(x.device):
+        if use_fixed_config(x.device):
             cfg = INTERPRETER_CONFIG_INT4
             _shadow_int4_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **meta, **cfg)
         else:
@@ -327,7 +316,7 @@ def shadow_scores_int8_triton(x: torch.Tensor, q_gate: torch.Tensor, s_gate: tor
                               up_bias: Optional[torch.Tensor] = None, kind: str = "swiglu") -> torch.Tensor:
     """Launch the int8 kernel: scores [b, n] float32."""
     check_shadow_args(8, x, q_gate, s_gate, q_up, s_up, gate_bias, up_bias, kind)
-    _require_triton_device(x.device, "shadow_scores_int8")
+    require_triton_device(x.device, "shadow_scores_int8")
     b, d = x.shape
     n = q_gate.shape[0]
     out = torch.empty((b, n), device=x.device, dtype=torch.float32)
@@ -339,8 +328,8 @@ def shadow_scores_int8_triton(x: torch.Tensor, q_gate: torch.Tensor, s_gate: tor
     args = (x, q_gate, s_gate, q_up, s_up, gate_bias if has_bias else s_gate, up_bias if has_bias else s_up, out,
             b, n, d, x.stride(0), q_gate.stride(0), out.stride(0))
     meta = dict(KIND=kind, HAS_BIAS=has_bias, BATCH_PAD=triton.next_power_of_2(b), enable_fp_fusion=True)
-    with _device_guard(x.device):
-        if _use_fixed_config(x.device):
+    with device_guard(x.device):
+        if use_fixed_config(x.device):
             cfg = INTERPRETER_CONFIG_INT8
             _shadow_int8_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **meta, **cfg)
         else:

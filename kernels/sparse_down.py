@@ -34,25 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .gather_gemv import (
-    BACKENDS,
-    _check_float,
-    _check_idx,
-    _check_last_dim_contiguous,
-    _check_no_grad,
-    _check_same_device,
-    _check_tensor,
-    _check_token_rows,
-    _device_guard,
-    _require_triton_device,
-    _use_fixed_config,
-    autotune_bench,
-    check_gather_gemv_args,
-    gather_gemv_reference,
-    gather_gemv_triton,
-    resolve_backend,
-    tile_configs,
-)
+from .gather_gemv import autotune_bench, check_gather_gemv_args, gather_gemv_reference, gather_gemv_triton, tile_configs
+from .launch import (BACKENDS, check_float, check_idx, check_last_dim_contiguous, check_no_grad, check_same_device,
+                     check_tensor, check_token_rows, device_guard, require_triton_device, resolve_backend,
+                     use_fixed_config)
 
 __all__ = [
     "ffn_hot_forward",
@@ -64,21 +49,21 @@ __all__ = [
 
 
 def _check_w3t(w3t, device: torch.device) -> None:
-    _check_tensor("w3t", w3t, 2)
-    _check_float("w3t", w3t)
-    _check_last_dim_contiguous("w3t", w3t)
-    _check_same_device("w3t", w3t, device)
+    check_tensor("w3t", w3t, 2)
+    check_float("w3t", w3t)
+    check_last_dim_contiguous("w3t", w3t)
+    check_same_device("w3t", w3t, device)
 
 
 def check_sparse_down_args(h, w3t, idx) -> None:
     """Raise ValueError/TypeError, naming the argument, unless the inputs are supported."""
-    _check_token_rows("h", h)
+    check_token_rows("h", h)
     _check_w3t(w3t, h.device)
-    _check_idx(idx, h.device)
+    check_idx(idx, h.device)
     if h.shape[1] != idx.shape[0]:
         raise ValueError(f"h must have one column per index: shape [b, k={idx.shape[0]}], "
                          f"got {tuple(h.shape)}")
-    _check_no_grad("sparse_down", h=h, w3t=w3t)
+    check_no_grad("sparse_down", h=h, w3t=w3t)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,15 +155,15 @@ def _cuda_configs(batch_pad: int) -> list:
     return tile_configs(batch_pad, "BLOCK_D", (64, 128, 256), "BLOCK_K", (8, 16, 32, 64))
 
 
-_tuned_kernels: dict = {}
+tuned_kernels: dict = {}
 
 
 def _tuned_kernel(batch_pad: int):
-    if batch_pad not in _tuned_kernels:
-        _tuned_kernels[batch_pad] = triton.autotune(
+    if batch_pad not in tuned_kernels:
+        tuned_kernels[batch_pad] = triton.autotune(
             configs=_cuda_configs(batch_pad), key=["D", "K_BUCKET"],
             do_bench=autotune_bench, cache_results=True)(_sparse_down_kernel)
-    return _tuned_kernels[batch_pad]
+    return tuned_kernels[batch_pad]
 
 
 def sparse_down_triton(h: torch.Tensor, w3t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -187,7 +172,7 @@ def sparse_down_triton(h: torch.Tensor, w3t: torch.Tensor, idx: torch.Tensor) ->
     No device sync: safe inside CUDA-graph capture once autotuning for the shape has run.
     """
     check_sparse_down_args(h, w3t, idx)
-    _require_triton_device(h.device, "sparse_down")
+    require_triton_device(h.device, "sparse_down")
     b, k = h.shape
     n, d = w3t.shape
     if k == 0 or d == 0:
@@ -200,8 +185,8 @@ def sparse_down_triton(h: torch.Tensor, w3t: torch.Tensor, idx: torch.Tensor) ->
             h.stride(0), w3t.stride(0), part.stride(0), part.stride(1),
             triton.next_power_of_2(k))
     meta = dict(BATCH_PAD=triton.next_power_of_2(b), enable_fp_fusion=True)
-    with _device_guard(h.device):
-        if _use_fixed_config(h.device):
+    with device_guard(h.device):
+        if use_fixed_config(h.device):
             cfg = INTERPRETER_CONFIG
             _sparse_down_kernel[(triton.cdiv(d, cfg["BLOCK_D"]), splits)](
                 *args, **meta, **cfg)

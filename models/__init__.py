@@ -2,8 +2,14 @@
 
 Each family module provides: ``MODEL_TYPES``, a frozen config dataclass with ``from_hf(dict)``,
 ``expected_tensors(config) → {hf_name: shape}``, ``ignorable_tensor(name, config)``, and a model
-class ``Model(config, dtype, device)`` with ``forward(ids, cache, start)``, ``new_cache``,
-``load_weights(get)`` and ``layers[i].mlp`` (the FFN the offloading transforms replace).
+class ``Model(config, dtype, device)`` with ``forward(ids, cache, start, last_only)``, ``new_cache``,
+``parameter_sources()`` (each parameter → the checkpoint tensors it is made of: offload.loading fills
+them), ``tie_weights()``, a ``device`` property, ``embed`` / ``lm_head`` (models.common Embedding and
+Linear) and ``layers[i].mlp`` (the FFN the offloading transforms replace). Every weight matrix is a
+models.common.Linear: storage formats (offload.formats) are module swaps of those.
+
+The maths shared by the families is in common.py (norms, RoPE, the KV cache, attention) and
+ffn_kind.py (the FFN kinds and their reference activation). A new architecture is a new file here.
 """
 from __future__ import annotations
 

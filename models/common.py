@@ -1,12 +1,10 @@
-"""Pieces shared by the architecture files: RMSNorm, RoPE tables, the preallocated KV cache, attention."""
+"""Pieces shared by the architecture files: RMSNorm, RoPE tables, the preallocated KV cache, attention,
+and the base classes of the modules the engine swaps (FFNs and attention)."""
 from __future__ import annotations
 
-import contextlib
-import importlib
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,98 +12,62 @@ from torch import nn
 from offload.errors import UnsupportedModelError
 
 
-_decode_gemv = {"numpy": False}
-
-
-@contextlib.contextmanager
-def cpu_decode_mode():
-    """Batch-1 decode on the CPU: one-token matmuls go through NumPy's BLAS (OpenBLAS), and torch's
-    own ops run on one thread meanwhile.
-
-    Why (measured on the 2-core dev machine, SmolLM2 fp32, same run): torch's MKL GEMV reaches ~11 GB/s
-    on these AMD cores whatever its thread count (20 tok/s); OpenBLAS with 2 threads reaches ~2x that
-    (28 tok/s). The two thread pools must not overlap: with torch on 2 threads as well, the OpenBLAS
-    workers spin against torch's and decode drops to ~4 tok/s. Restores both settings on exit."""
-    threads = torch.get_num_threads()
-    previous = _decode_gemv["numpy"]
-    torch.set_num_threads(1)
-    _decode_gemv["numpy"] = True
-    try:
-        yield
-    finally:
-        _decode_gemv["numpy"] = previous
-        torch.set_num_threads(threads)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, but one token (x [..., d] with one row) on the CPU takes a matrix-vector path:
-    NumPy's BLAS inside :func:`cpu_decode_mode`, else torch.mv (~1.5x faster than the
-    matrix-matrix path F.linear takes at batch 1).
-
-    A weight stored in fp16 under fp32 activations (:func:`offload.half.store_weights_fp16`):
-    one token goes through the fp16 GEMV kernel (fp32 accumulation), more tokens through F.linear
-    on an fp32 copy of the weight made for the call."""
-    if weight.dtype != x.dtype and weight.dtype == torch.float16 and x.dtype == torch.float32:
-        if x.numel() != x.shape[-1] or x.device.type != "cpu":
-            return F.linear(x, weight.float(), bias)
-        y = _half().gemv(weight, x)
-    elif x.numel() == x.shape[-1] and x.device.type == "cpu":
-        if _decode_gemv["numpy"] and weight.dtype == torch.float32 and x.dtype == torch.float32:
-            y = torch.from_numpy(weight.numpy() @ x.reshape(-1).numpy())
-        else:
-            y = torch.mv(weight, x.reshape(-1))
-    else:
-        return F.linear(x, weight, bias)
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], weight.shape[0])
-
-
-def warm_cpu_decode() -> None:
-    """Compile or load (numba's cache) the one-token CPU kernels, so that the first decode step does not
-    pay for it: ~0.1-0.3 s a kernel from the cache, ~10 s the first time on a machine."""
-    _cpu_ops().warmup()
-
-
-def one_token_cpu_decode(x: torch.Tensor) -> bool:
-    """Inside :func:`cpu_decode_mode`, is x one fp32 CPU token (the numba one-token ops apply)?"""
-    return _decode_gemv["numpy"] and x.numel() == x.shape[-1] and x.dtype == torch.float32 and x.device.type == "cpu"
-
-
-_lazy: dict = {}  # numba-backed modules, imported on first use (numba's import costs ~0.7 s)
-
-
-def _offload_module(name: str):
-    mod = _lazy.get(name)
-    if mod is None:
-        mod = _lazy[name] = importlib.import_module(f"offload.{name}")
-    return mod
-
-
-def _cpu_ops():
-    return _offload_module("cpu_ops")
-
-
-def _half():
-    return _offload_module("half")
-
-
 def empty_param(shape, dtype, device) -> nn.Parameter:
     """An uninitialised, frozen parameter (weights are loaded, never trained)."""
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def param_loader(get, dtype: torch.dtype, device):
-    """``put(module, attr, *hf_names)``: set ``module.attr`` to the named checkpoint tensors, concatenated
-    along dim 0 when several (fused q/k/v, gate/up), converted to ``dtype`` on ``device``."""
-    device = "cpu" if torch.device(device).type == "meta" else device
+class Linear(nn.Module):
+    """y = x·Wᵀ + b. weight [out_features, in_features], bias [out_features] or None."""
 
-    def put(module: nn.Module, attr: str, *names: str) -> None:
-        tensors = [get(n) for n in names]
-        value = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
-        setattr(module, attr, nn.Parameter(value.to(device=device, dtype=dtype).contiguous(), requires_grad=False))
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = empty_param((out_features, in_features), dtype, device)
+        self.bias = empty_param((out_features,), dtype, device) if bias else None
 
-    return put
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a float tensor [out, in] (here: the parameter itself, no copy)."""
+        return self.weight
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a one-token product reads (the weight)."""
+        return self.weight.numel() * self.weight.element_size()
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"dtype={self.weight.dtype}")
+
+
+class Embedding(nn.Module):
+    """Token embeddings: ``weight`` [vocab, d]; ``forward(ids) → [..., d]`` in the table's dtype."""
+
+    def __init__(self, vocab: int, d: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.vocab, self.d = vocab, d
+        self.weight = empty_param((vocab, d), dtype, device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.vocab}, d={self.d}, dtype={self.weight.dtype}"
+
+
+class FFNModule(nn.Module):
+    """Base of every module that sits at ``layers[i].mlp``: the dense FFNs, and the swaps the engine
+    makes (sparse, hybrid, tapped). ``forward(x [..., d]) → [..., d]``."""
+
+    def residual(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """x + self(norm(x)): the FFN half of a pre-norm block. A swap may do it in one call."""
+        return x + self(norm(x))
 
 
 class RMSNorm(nn.Module):
@@ -115,11 +77,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if one_token_cpu_decode(x) and self.weight.dtype == torch.float32:
-            # One numba call (offload.cpu_ops) instead of torch's op dispatch: measured 17-40 µs a call.
-            out = np.empty(x.shape[-1], np.float32)
-            _cpu_ops().rms_norm_row(x.numpy().reshape(-1), self.weight.numpy(), self.eps, out)
-            return torch.from_numpy(out).view(x.shape)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # One fused op (bit-identical to the lines below in fp32, ~20 µs less per call at decode).
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

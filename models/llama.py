@@ -6,19 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from offload.errors import UnsupportedModelError
-from offload.models.common import (KVCache, RMSNorm, _cpu_ops, _half, apply_rope, cached_attention, empty_param, linear,
-                                   one_token_cpu_decode, param_loader, rope_inv_freq, rope_tables)
+from offload.models.common import (Embedding, FFNModule, KVCache, Linear, RMSNorm, apply_rope, cached_attention,
+                                   rope_inv_freq, rope_tables)
+from offload.models.ffn_kind import GATED_KIND_OF_HIDDEN_ACT, FFNKind, activation
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
-# hidden_act → how the FFN combines gate g and up u before down_proj.
-FFN_KINDS = {"silu": "swiglu", "swish": "swiglu", "relu": "relu", "drelu": "drelu"}
-FFN_CODES = {"swiglu": 0, "relu": 1, "drelu": 2}  # offload.cpu_ops.gated_ffn_block's activation codes
 
 
 @dataclass(frozen=True)
@@ -34,7 +31,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
-    ffn_kind: str = "swiglu"  # "swiglu" | "relu" | "drelu"
+    ffn_kind: FFNKind = FFNKind.SWIGLU  # swiglu | relu | drelu
     attention_bias: bool = False  # bias on q, k, v (Qwen2 always; LLaMA when attention_bias=true)
     attention_out_bias: bool = False  # bias on o_proj (LLaMA attention_bias=true only)
     mlp_bias: bool = False
@@ -50,9 +47,9 @@ class LlamaConfig:
         (rope_theta, rope_scaling) and the transformers 5 one (rope_parameters) are understood."""
         model_type = cfg.get("model_type", "llama")
         act = cfg.get("hidden_act", "silu")
-        if act not in FFN_KINDS:
-            raise UnsupportedModelError(
-                f"hidden_act {act!r} is not supported for {model_type}; supported: {sorted(FFN_KINDS)}")
+        if act not in GATED_KIND_OF_HIDDEN_ACT:
+            raise UnsupportedModelError(f"hidden_act {act!r} is not supported for {model_type}; supported: "
+                                        f"{sorted(GATED_KIND_OF_HIDDEN_ACT)}")
         heads = cfg["num_attention_heads"]
         rope = dict(cfg.get("rope_parameters") or {})
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -71,7 +68,7 @@ class LlamaConfig:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             rope_scaling=dict(scaling) if scaling else None,
-            ffn_kind=FFN_KINDS[act],
+            ffn_kind=GATED_KIND_OF_HIDDEN_ACT[act],
             attention_bias=qwen or bias,
             attention_out_bias=bias and not qwen,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
@@ -118,88 +115,53 @@ def ignorable_tensor(name: str, cfg: LlamaConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight")
 
 
-class GatedFFN(nn.Module):
+class GatedFFN(FFNModule):
     """down(act(gate(x)) ⊙ up(x)). Neuron i is row i of gate and up and column i of down.
 
-    gate_up [2n, d] holds gate rows then up rows (one matmul at decode); down [d, n].
+    gate_up: a Linear [2n ← d] holding the gate rows then the up rows (one product at decode); down [d ← n].
     """
 
-    def __init__(self, d: int, n: int, kind: str, bias: bool, dtype=torch.float32, device=None):
+    def __init__(self, d: int, n: int, kind: FFNKind, bias: bool, dtype=torch.float32, device=None):
         super().__init__()
-        if kind not in ("swiglu", "relu", "drelu"):
-            raise UnsupportedModelError(f"FFN kind {kind!r}; supported: swiglu, relu, drelu")
+        kind = FFNKind.of(kind)
+        if not kind.gated:
+            raise UnsupportedModelError(f"FFN kind {kind.value!r} has no gate; GatedFFN takes swiglu, relu, drelu")
         self.kind, self.n = kind, n
-        self.gate_up = empty_param((2 * n, d), dtype, device)
-        self.down = empty_param((d, n), dtype, device)
-        self.gate_up_bias = empty_param((2 * n,), dtype, device) if bias else None
-        self.down_bias = empty_param((d,), dtype, device) if bias else None
+        self.gate_up = Linear(d, 2 * n, bias, dtype, device)
+        self.down = Linear(n, d, bias, dtype, device)
 
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:
         """Per-neuron activations [..., n]: the value each neuron contributes, times its down column."""
-        g, u = linear(x, self.gate_up, self.gate_up_bias).split(self.n, dim=-1)
-        if self.kind == "swiglu":
-            return F.silu(g) * u
-        if self.kind == "relu":
-            return F.relu(g) * u
-        return F.relu(g) * F.relu(u)
+        g, u = self.gate_up(x).split(self.n, dim=-1)
+        return activation(self.kind, g, u)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.intermediate(x), self.down, self.down_bias)
-
-    def decode_block(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor | None:
-        """x + self(norm(x)) for one fp32 CPU token with fp16-stored weights and no biases, as one
-        numba call (offload.cpu_ops.gated_ffn_block); None otherwise."""
-        if self.gate_up.dtype != torch.float16 or self.gate_up_bias is not None or norm.weight.dtype != torch.float32:
-            return None
-        out = np.empty(x.shape[-1], np.float32)
-        _cpu_ops().gated_ffn_block(x.numpy().reshape(-1), norm.weight.numpy(), norm.eps,
-                                   self.gate_up.numpy().view(np.uint16), self.down.numpy().view(np.uint16),
-                                   FFN_CODES[self.kind], _half().pool_threads(), out)
-        return torch.from_numpy(out).view(x.shape)
+        return self.down(self.intermediate(x))
 
 
 class Attention(nn.Module):
+    """Causal self-attention with RoPE and GQA. qkv: a Linear [(h + 2·kvh)·hd ← d] (q rows, then k, then
+    v); o [d ← h·hd]."""
+
     def __init__(self, cfg: LlamaConfig, dtype, device):
         super().__init__()
         self.h, self.kvh, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv_out = (self.h + 2 * self.kvh) * self.hd
-        self.qkv = empty_param((qkv_out, cfg.hidden_size), dtype, device)  # q rows, then k, then v
-        self.qkv_bias = empty_param((qkv_out,), dtype, device) if cfg.attention_bias else None
-        self.o = empty_param((cfg.hidden_size, self.h * self.hd), dtype, device)
-        self.o_bias = empty_param((cfg.hidden_size,), dtype, device) if cfg.attention_out_bias else None
+        self.qkv = Linear(cfg.hidden_size, qkv_out, cfg.attention_bias, dtype, device)
+        self.o = Linear(self.h * self.hd, cfg.hidden_size, cfg.attention_out_bias, dtype, device)
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int):
         b, t, _ = x.shape
-        if cache is not None and one_token_cpu_decode(x) and cache.k[layer].dtype == torch.float32:
-            # One numba call for RoPE, the cache write and attention (offload.cpu_ops.attend_one).
-            qkv = linear(x, self.qkv, self.qkv_bias).reshape(-1).numpy()
-            out = np.empty(self.h * self.hd, np.float32)
-            _cpu_ops().attend_one(qkv, cos[0].numpy(), sin[0].numpy(), cache.k[layer][0].numpy(),
-                                  cache.v[layer][0].numpy(), start, self.h, self.kvh, out)
-            return linear(torch.from_numpy(out).view(1, 1, -1), self.o, self.o_bias)
-        qkv = linear(x, self.qkv, self.qkv_bias).view(b, t, self.h + 2 * self.kvh, self.hd).transpose(1, 2)
+        qkv = self.qkv(x).view(b, t, self.h + 2 * self.kvh, self.hd).transpose(1, 2)
         # RoPE on the q and k heads together (one set of ops instead of two): [b, h + kvh, t, hd].
         qk = apply_rope(qkv[:, : self.h + self.kvh], cos, sin)
         q, k, v = qk[:, : self.h], qk[:, self.h:], qkv[:, self.h + self.kvh:]
         out = cached_attention(q, k, v, cache, layer, start)
-        return linear(out.transpose(1, 2).reshape(b, t, self.h * self.hd), self.o, self.o_bias)
+        return self.o(out.transpose(1, 2).reshape(b, t, self.h * self.hd))
 
-
-    def decode_block(self, x, norm: RMSNorm, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
-        """x + self(norm(x)) for one fp32 CPU token with fp16-stored weights, as one numba call
-        (offload.cpu_ops.attention_block); tested against the torch path in tests/test_cpu_ops.py."""
-        out = np.empty(x.shape[-1], np.float32)
-        none = _NO_BIAS
-        _cpu_ops().attention_block(
-            x.numpy().reshape(-1), norm.weight.numpy(), norm.eps, self.qkv.numpy().view(np.uint16),
-            none if self.qkv_bias is None else self.qkv_bias.numpy(), cos[0].numpy(), sin[0].numpy(),
-            cache.k[layer][0].numpy(), cache.v[layer][0].numpy(), start, self.h, self.kvh,
-            self.o.numpy().view(np.uint16), none if self.o_bias is None else self.o_bias.numpy(),
-            _half().pool_threads(), out)
-        return torch.from_numpy(out).view(x.shape)
-
-
-_NO_BIAS = np.zeros(0, np.float32)
+    def residual(self, x, norm: RMSNorm, cos, sin, cache: KVCache | None, layer: int, start: int):
+        """x + self(norm(x)): the attention half of a block (offload.cpu's decode swap does it in one call)."""
+        return x + self(norm(x), cos, sin, cache, layer, start)
 
 
 class Block(nn.Module):
@@ -211,46 +173,72 @@ class Block(nn.Module):
         self.mlp = GatedFFN(cfg.hidden_size, cfg.intermediate_size, cfg.ffn_kind, cfg.mlp_bias, dtype, device)
 
     def forward(self, x, cos, sin, cache, layer, start):
-        if (cache is not None and self.attn.qkv.dtype == torch.float16 and one_token_cpu_decode(x)
-                and cache.k[layer].dtype == torch.float32):
-            # fp16-stored weights in CPU decode (offload.half): norm, attention and residual in one call
-            x = self.attn.decode_block(x, self.attn_norm, cos, sin, cache, layer, start)
-        else:
-            x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, start)
-        if one_token_cpu_decode(x):
-            # One CPU token: an FFN may compute norm, FFN and residual in one call (GatedFFN with fp16
-            # weights, the all-cold HybridFFN); None means it does not apply here.
-            y = self.mlp.decode_block(x, self.ffn_norm) if hasattr(self.mlp, "decode_block") else None
-            if y is not None:
-                return y
-        return x + self.mlp(self.ffn_norm(x))
+        x = self.attn.residual(x, self.attn_norm, cos, sin, cache, layer, start)
+        return self.mlp.residual(x, self.ffn_norm)
 
 
 def layer_home(layer: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where a block computes: its norm weight's device and dtype (fp16-stored matrices under fp32
-    activations, offload.half, keep fp32 norms)."""
+    """Where a block computes: its norm weight's device and dtype (storage formats that keep 16-bit or
+    packed weights under fp32 activations keep fp32 norms)."""
     w = layer.attn_norm.weight
     return w.device, w.dtype
 
 
 class LlamaModel(nn.Module):
-    """The dense decoder. ``forward(ids [b, t], cache, start) → logits [b, t, V]``."""
+    """The dense decoder. ``forward(ids [b, t], cache, start) → logits [b, t, V]``.
+
+    With tied embeddings ``lm_head.weight`` is the embedding's parameter (one tensor)."""
 
     def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.config = cfg
-        self.dtype = dtype  # of activations and the KV cache (weights may be stored in fp16: offload.half)
-        self.embed = empty_param((cfg.vocab_size, cfg.hidden_size), dtype, device)
+        self.dtype = dtype  # of activations and the KV cache (weights may be stored otherwise: offload.formats)
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
         self.layers = nn.ModuleList(Block(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else empty_param((cfg.vocab_size, cfg.hidden_size), dtype, device)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
         inv_freq, scale = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self._rope = (inv_freq, scale)
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # cos, sin per device
 
     @property
-    def head_weight(self) -> torch.Tensor:
-        return self.embed if self.lm_head is None else self.lm_head
+    def device(self) -> torch.device:
+        """Where the model takes its input ids (the final norm's device: the head's side)."""
+        return self.norm.weight.device
+
+    def tie_weights(self) -> None:
+        """With tied embeddings, make the head's weight the embedding's parameter again (after loading
+        replaced it)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def parameter_sources(self) -> dict[str, tuple[str, ...]]:
+        """Each parameter (its path in this module) → the checkpoint tensors (HF names) it is made of,
+        concatenated along dim 0 when several (fused q/k/v and gate/up)."""
+        c = self.config
+        src = {"embed.weight": ("model.embed_tokens.weight",), "norm.weight": ("model.norm.weight",)}
+        if not c.tie_word_embeddings:
+            src["lm_head.weight"] = ("lm_head.weight",)
+        for i in range(c.num_hidden_layers):
+            p, m = f"layers.{i}.", f"model.layers.{i}."
+            a = m + "self_attn."
+            src[p + "attn_norm.weight"] = (m + "input_layernorm.weight",)
+            src[p + "ffn_norm.weight"] = (m + "post_attention_layernorm.weight",)
+            src[p + "attn.qkv.weight"] = (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
+            src[p + "attn.o.weight"] = (a + "o_proj.weight",)
+            if c.attention_bias:
+                src[p + "attn.qkv.bias"] = (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
+            if c.attention_out_bias:
+                src[p + "attn.o.bias"] = (a + "o_proj.bias",)
+            f = m + "mlp."
+            src[p + "mlp.gate_up.weight"] = (f + "gate_proj.weight", f + "up_proj.weight")
+            src[p + "mlp.down.weight"] = (f + "down_proj.weight",)
+            if c.mlp_bias:
+                src[p + "mlp.gate_up.bias"] = (f + "gate_proj.bias", f + "up_proj.bias")
+                src[p + "mlp.down.bias"] = (f + "down_proj.bias",)
+        return src
 
     def new_cache(self, batch: int, max_len: int, device=None) -> KVCache:
         c = self.config
@@ -273,7 +261,7 @@ class LlamaModel(nn.Module):
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """Final-norm hidden states [b, t, d]. Layers may live on different devices and dtypes
         (offload.layer_split): x moves to each layer's home on the way."""
-        x = F.embedding(ids, self.embed).to(self.dtype)
+        x = self.embed(ids).to(self.dtype)
         home = (x.device, x.dtype)
         cos, sin = self._rope_for(start, ids.shape[1], x.dtype, x.device)
         for i, layer in enumerate(self.layers):
@@ -291,33 +279,4 @@ class LlamaModel(nn.Module):
         x = self.hidden_states(ids, cache, start)
         if last_only:
             x = x[:, -1:]
-        return linear(x, self.head_weight)
-
-    @torch.no_grad()
-    def load_weights(self, get) -> None:
-        """Fill the parameters from ``get(hf_name) → tensor`` (names already checked against
-        expected_tensors). Fuses q/k/v and gate/up as it goes."""
-        put = param_loader(get, self.embed.dtype, self.embed.device)
-
-        put(self, "embed", "model.embed_tokens.weight")
-        put(self.norm, "weight", "model.norm.weight")
-        if self.lm_head is not None:
-            put(self, "lm_head", "lm_head.weight")
-        c = self.config
-        for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
-            put(layer.attn_norm, "weight", p + "input_layernorm.weight")
-            put(layer.ffn_norm, "weight", p + "post_attention_layernorm.weight")
-            a = p + "self_attn."
-            put(layer.attn, "qkv", a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
-            put(layer.attn, "o", a + "o_proj.weight")
-            if c.attention_bias:
-                put(layer.attn, "qkv_bias", a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
-            if c.attention_out_bias:
-                put(layer.attn, "o_bias", a + "o_proj.bias")
-            m = p + "mlp."
-            put(layer.mlp, "gate_up", m + "gate_proj.weight", m + "up_proj.weight")
-            put(layer.mlp, "down", m + "down_proj.weight")
-            if c.mlp_bias:
-                put(layer.mlp, "gate_up_bias", m + "gate_proj.bias", m + "up_proj.bias")
-                put(layer.mlp, "down_bias", m + "down_proj.bias")
+        return self.lm_head(x)

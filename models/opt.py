@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from offload.errors import UnsupportedModelError
-from offload.models.common import KVCache, cached_attention, empty_param, linear, param_loader
+from offload.models.common import Embedding, FFNModule, KVCache, Linear, cached_attention, empty_param
+from offload.models.ffn_kind import FFNKind
 
 MODEL_TYPES = ("opt",)
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (fairseq legacy)
@@ -97,25 +98,25 @@ def ignorable_tensor(name: str, cfg: OPTConfig) -> bool:
     return cfg.tie_word_embeddings and name == "lm_head.weight"
 
 
-class ReluFFN(nn.Module):
+class ReluFFN(FFNModule):
     """fc2(relu(fc1(x) + b1)) + b2. Neuron i is row i of fc1 (and b1[i]) and column i of fc2.
 
-    fc1 [n, d], fc1_bias [n], fc2 [d, n], fc2_bias [d].
+    fc1: a Linear [n ← d] with bias; fc2 [d ← n] with bias.
     """
 
-    kind = "relu_fc"
+    kind = FFNKind.RELU_FC
 
     def __init__(self, d: int, n: int, dtype=torch.float32, device=None):
         super().__init__()
         self.n = n
-        self.fc1, self.fc1_bias = empty_param((n, d), dtype, device), empty_param((n,), dtype, device)
-        self.fc2, self.fc2_bias = empty_param((d, n), dtype, device), empty_param((d,), dtype, device)
+        self.fc1 = Linear(d, n, True, dtype, device)
+        self.fc2 = Linear(n, d, True, dtype, device)
 
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(linear(x, self.fc1, self.fc1_bias))
+        return F.relu(self.fc1(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.intermediate(x), self.fc2, self.fc2_bias)
+        return self.fc2(self.intermediate(x))
 
 
 class Attention(nn.Module):
@@ -123,14 +124,14 @@ class Attention(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.h, self.hd = cfg.num_attention_heads, cfg.head_dim
-        self.qkv, self.qkv_bias = empty_param((3 * d, d), dtype, device), empty_param((3 * d,), dtype, device)
-        self.o, self.o_bias = empty_param((d, d), dtype, device), empty_param((d,), dtype, device)
+        self.qkv = Linear(d, 3 * d, True, dtype, device)
+        self.o = Linear(d, d, True, dtype, device)
 
     def forward(self, x, cache: KVCache | None, layer: int, start: int):
         b, t, d = x.shape
-        q, k, v = linear(x, self.qkv, self.qkv_bias).view(b, t, 3, self.h, self.hd).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(b, t, 3, self.h, self.hd).permute(2, 0, 3, 1, 4)
         out = cached_attention(q, k, v, cache, layer, start, scale=self.hd ** -0.5)
-        return linear(out.transpose(1, 2).reshape(b, t, d), self.o, self.o_bias)
+        return self.o(out.transpose(1, 2).reshape(b, t, d))
 
 
 class Block(nn.Module):
@@ -146,7 +147,7 @@ class Block(nn.Module):
     def forward(self, x, cache, layer, start):
         if self.pre_norm:
             x = x + self.attn(self.attn_norm(x), cache, layer, start)
-            return x + self.mlp(self.ffn_norm(x))
+            return self.mlp.residual(x, self.ffn_norm)
         x = self.attn_norm(x + self.attn(x, cache, layer, start))
         return self.ffn_norm(x + self.mlp(x))
 
@@ -157,29 +158,58 @@ class OPTModel(nn.Module):
     def __init__(self, cfg: OPTConfig, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.config = cfg
-        self.dtype = dtype  # of activations and the KV cache (weights may be stored in fp16: offload.half)
+        self.dtype = dtype  # of activations and the KV cache (weights may be stored otherwise: offload.formats)
         d, e = cfg.hidden_size, cfg.word_embed_proj_dim
-        self.embed = empty_param((cfg.vocab_size, e), dtype, device)
+        self.embed = Embedding(cfg.vocab_size, e, dtype, device)
         self.positions = empty_param((cfg.max_position_embeddings + POSITION_OFFSET, d), dtype, device)
-        self.project_in = empty_param((d, e), dtype, device) if e != d else None
-        self.project_out = empty_param((e, d), dtype, device) if e != d else None
+        self.project_in = Linear(e, d, False, dtype, device) if e != d else None
+        self.project_out = Linear(d, e, False, dtype, device) if e != d else None
         self.layers = nn.ModuleList(Block(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
         self.norm = nn.LayerNorm(d, dtype=dtype, device=device) if cfg.final_layer_norm else None
-        self.lm_head = None if cfg.tie_word_embeddings else empty_param((cfg.vocab_size, e), dtype, device)
+        self.lm_head = Linear(e, cfg.vocab_size, False, dtype, device)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
 
     @property
-    def head_weight(self) -> torch.Tensor:
-        return self.embed if self.lm_head is None else self.lm_head
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def parameter_sources(self) -> dict[str, tuple[str, ...]]:
+        """Each parameter (its path in this module) → the checkpoint tensors it is made of (see LlamaModel)."""
+        c, p0 = self.config, "model.decoder."
+        src = {"embed.weight": (p0 + "embed_tokens.weight",), "positions": (p0 + "embed_positions.weight",)}
+        if self.project_in is not None:
+            src["project_in.weight"] = (p0 + "project_in.weight",)
+            src["project_out.weight"] = (p0 + "project_out.weight",)
+        if self.norm is not None:
+            src["norm.weight"], src["norm.bias"] = (p0 + "final_layer_norm.weight",), (p0 + "final_layer_norm.bias",)
+        if not c.tie_word_embeddings:
+            src["lm_head.weight"] = ("lm_head.weight",)
+        for i in range(c.num_hidden_layers):
+            p, m = f"layers.{i}.", f"{p0}layers.{i}."
+            a = m + "self_attn."
+            for kind in ("weight", "bias"):
+                src[p + f"attn.qkv.{kind}"] = (a + f"q_proj.{kind}", a + f"k_proj.{kind}", a + f"v_proj.{kind}")
+                src[p + f"attn.o.{kind}"] = (a + f"out_proj.{kind}",)
+                src[p + f"attn_norm.{kind}"] = (m + f"self_attn_layer_norm.{kind}",)
+                src[p + f"ffn_norm.{kind}"] = (m + f"final_layer_norm.{kind}",)
+                src[p + f"mlp.fc1.{kind}"] = (m + f"fc1.{kind}",)
+                src[p + f"mlp.fc2.{kind}"] = (m + f"fc2.{kind}",)
+        return src
 
     def new_cache(self, batch: int, max_len: int, device=None) -> KVCache:
         c = self.config
         return KVCache.allocate(c.num_hidden_layers, batch, c.num_attention_heads, max_len, c.head_dim,
-                                self.dtype, device or self.embed.device)
+                                self.dtype, device or self.device)
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        x = F.embedding(ids, self.embed).to(self.dtype)
+        x = self.embed(ids).to(self.dtype)
         if self.project_in is not None:
-            x = linear(x, self.project_in)
+            x = self.project_in(x)
         t = ids.shape[1]
         x = x + self.positions[start + POSITION_OFFSET: start + POSITION_OFFSET + t].to(self.dtype)
         for i, layer in enumerate(self.layers):
@@ -187,7 +217,7 @@ class OPTModel(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         if self.project_out is not None:
-            x = linear(x, self.project_out)
+            x = self.project_out(x)
         return x
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0,
@@ -195,34 +225,4 @@ class OPTModel(nn.Module):
         x = self.hidden_states(ids, cache, start)
         if last_only:
             x = x[:, -1:]
-        return linear(x, self.head_weight)
-
-    @torch.no_grad()
-    def load_weights(self, get) -> None:
-        put = param_loader(get, self.embed.dtype, self.embed.device)
-
-        p0 = "model.decoder."
-        put(self, "embed", p0 + "embed_tokens.weight")
-        put(self, "positions", p0 + "embed_positions.weight")
-        if self.project_in is not None:
-            put(self, "project_in", p0 + "project_in.weight")
-            put(self, "project_out", p0 + "project_out.weight")
-        if self.norm is not None:
-            put(self.norm, "weight", p0 + "final_layer_norm.weight")
-            put(self.norm, "bias", p0 + "final_layer_norm.bias")
-        if self.lm_head is not None:
-            put(self, "lm_head", "lm_head.weight")
-        for i, layer in enumerate(self.layers):
-            p = f"{p0}layers.{i}."
-            a = p + "self_attn."
-            put(layer.attn, "qkv", a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
-            put(layer.attn, "qkv_bias", a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
-            put(layer.attn, "o", a + "out_proj.weight")
-            put(layer.attn, "o_bias", a + "out_proj.bias")
-            for norm, name in ((layer.attn_norm, "self_attn_layer_norm"), (layer.ffn_norm, "final_layer_norm")):
-                put(norm, "weight", p + name + ".weight")
-                put(norm, "bias", p + name + ".bias")
-            put(layer.mlp, "fc1", p + "fc1.weight")
-            put(layer.mlp, "fc1_bias", p + "fc1.bias")
-            put(layer.mlp, "fc2", p + "fc2.weight")
-            put(layer.mlp, "fc2_bias", p + "fc2.bias")
+        return self.lm_head(x)

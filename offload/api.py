@@ -17,9 +17,11 @@ import torch
 
 from offload.cache import model_cache_dir
 from offload.checkpoint import Checkpoint, open_checkpoint
+from offload.cpu.pool import check_threads, start_pool
 from offload.errors import BudgetError, GenerationError
-from offload.generation import GenerationStats, SamplingConfig, _as_tuple, generate
+from offload.generation import GenerationStats, SamplingConfig, as_tuple, generate
 from offload.loading import build_model
+from offload.models.common import Linear
 from offload.units import parse_memory_size
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -56,83 +58,18 @@ def load_tokenizer(ckpt: Checkpoint):
     return tok
 
 
-def _fast_selector(predictor, selector, device: torch.device, spinning_pool: bool = False):
-    """x [b, d] → sorted union over the batch of each token's selected neurons.
-
-    Shadow predictors score from their packed int4/int8 bytes, never a dequantized fp32 copy (which
-    reads 8x more and, on a GPU, would take memory the budget does not count): on the CPU with
-    offload.lowbit's kernels, elsewhere with torch.ops.offload.shadow_scores_int{4,8} (Triton).
-    Other predictors use their own mask. ``spinning_pool``: CPU-only decode where every kernel runs on
-    numba's pool (offload.hybrid.uses_spinning_pool): score on all of its threads."""
-    from offload.predict.shadow import ShadowPredictor
-
-    if not isinstance(predictor, ShadowPredictor):
-        return lambda x: selector.mask(x).any(0).nonzero().flatten()
-    if device.type == "cpu":
-        return _cpu_shadow_selector(predictor, spinning_pool)
-    return device_shadow_selector(predictor, device)
-
-
-def _cpu_shadow_selector(predictor, spinning_pool: bool):
-    from offload.lowbit import shadow_from_predictor
-    from offload.sparse import topk_count
-
-    if spinning_pool:
-        from offload.half import pool_threads
-
-        shadow = shadow_from_predictor(predictor, threads=pool_threads(), pool="numba")
-    else:
-        shadow = shadow_from_predictor(predictor)
-    k = topk_count(predictor.density, predictor.n)
-    predictor.clear_cache()  # drop the fp32 copy the reference scorer may have built
-    return CpuShadowSelector(shadow, k)
-
-
-class CpuShadowSelector:
-    """A selector with a NumPy entry point as well: ``ids(x [b, d] float32 ndarray)`` → sorted int64
-    ndarray, which the hybrid FFN's CPU decode path calls without torch conversions. ``shadow`` (an
-    offload.lowbit Int4Shadow / Int8Shadow) and ``k`` (neurons per token) are public so that the
-    all-cold CPU path can run scores, top-k and the cold kernel in one call (offload.cold.fused)."""
-
-    def __init__(self, shadow, k: int):
-        from offload.lowbit import topk_indices
-
-        self.shadow, self.k = shadow, k
-        self.ids = lambda x: topk_indices(shadow.scores(x), k)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.ids(x.detach().float().numpy()))
-
-
-def device_shadow_selector(predictor, device: torch.device):
-    """The shadow predictor's top-k on ``device`` through the registered scoring op (Triton on CUDA,
-    the torch reference on the CPU). Returns sorted global ids [k..b·k] on ``device``."""
-    from offload.kernels.shadow_scores import shadow_scores_int4, shadow_scores_int8
-    from offload.sparse import topk_count
-
-    score = shadow_scores_int4 if predictor.bits == 4 else shadow_scores_int8
-    t = {name: v.to(device) for name, v in predictor.tensors().items()}
-    k = topk_count(predictor.density, predictor.n)
-    predictor.clear_cache()
-
-    def select(x: torch.Tensor) -> torch.Tensor:
-        s = score(x, t["q_gate"], t["s_gate"], t["q_up"], t["s_up"], t.get("gate_bias"), t.get("up_bias"),
-                  predictor.kind)
-        return torch.unique(s.topk(k, dim=-1).indices.flatten())  # sorted
-
-    return select
-
-
 class OffloadedModel:
     """A loaded model with its tokenizer. Until the hybrid runtime is applied it runs dense.
 
     Attributes: ``model`` (the nn.Module), ``tokenizer``, ``config`` (the family config dataclass),
-    ``checkpoint``, ``device``, ``dtype``, ``gpu_memory`` (bytes or None), ``last_stats``.
+    ``checkpoint``, ``device``, ``dtype``, ``gpu_memory`` (bytes or None), ``threads`` (CPU decode
+    threads), ``last_stats``.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, checkpoint: Checkpoint, *, device: torch.device,
-                 gpu_memory: int | None = None):
+                 gpu_memory: int | None = None, threads: int | None = None):
         self.model, self.tokenizer, self.checkpoint = model, tokenizer, checkpoint
+        self.threads = check_threads(threads)
         self.config = model.config
         self.device, self.dtype = device, model.dtype
         self.gpu_memory = gpu_memory
@@ -146,12 +83,18 @@ class OffloadedModel:
         operating point, solve the placement of hot neurons for ``budget`` bytes on ``device``, and
         swap every FFN for a HybridFFN. With device='cpu' the hot side runs on CPU torch, and
         ``budget=0`` means no device memory at all: every FFN neuron is cold (the fastest CPU-only
-        setting; with weights="float16" one numba call per layer computes the FFN).
-        ``prepared``: artifacts from offload.prepare.prepare / prepare_from_tokens (default: prepare)."""
-        from offload.prepare import prepare
-        from offload.hybrid import apply_placement, uses_spinning_pool
+        setting: one numba call per layer computes the FFN).
+        ``prepared``: artifacts from offload.prepare.prepare / prepare_from_tokens (default: prepare).
+        Once per model: a second call raises (load the model again to place it for another budget)."""
+        from offload.cpu.decode import warm_up
+        from offload.hybrid import HybridFFN, apply_placement, uses_spinning_pool
         from offload.place.report import plan_and_place
+        from offload.prepare import prepare
+        from offload.select import runtime_selector
 
+        if any(isinstance(layer.mlp, HybridFFN) for layer in self.model.layers):
+            raise BudgetError("this model's FFNs are already placed (offload() was called); load the model again "
+                              "with from_pretrained(gpu_memory=...) to place it for another budget")
         device = device or self.device
         hot_dtype = hot_dtype or self.dtype
         prepared = prepared or prepare(self, text, progress=progress)
@@ -171,16 +114,21 @@ class OffloadedModel:
             context=min(context, self.max_context), dtype=str(hot_dtype).removeprefix("torch."),
             predictor_bytes=preds.nbytes // layers, identity=self.checkpoint.identity,
             device=device.type, shapes=self.checkpoint.shapes)
-        spinning = uses_spinning_pool(self.model, device)
-        selectors = [_fast_selector(preds[i], preds.selector(i), device, spinning) for i in range(layers)]
-        self.hybrid_stats = apply_placement(self.model, placement.hot, selectors, device=device, hot_dtype=hot_dtype)
+        pool = "numba" if uses_spinning_pool(device) else "team"
+        threads = start_pool(self.threads) if pool == "numba" else 1
+        selectors = [runtime_selector(preds[i], preds.selector(i), device, threads, pool) for i in range(layers)]
+        self.hybrid_stats = apply_placement(self.model, placement.hot, selectors, device=device, hot_dtype=hot_dtype,
+                                            cold_threads=self.threads)
         self.placement, self.device, self.dtype = placement, device, self.model.dtype
+        if device.type == "cpu":
+            warm_up(self.model)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, gpu_memory: int | str | None = None,
-                        local_files_only: bool = False, revision: str | None = None,
-                        context: int = 4096, progress: bool = True, weights: str = "float32") -> "OffloadedModel":
+                        local_files_only: bool = False, revision: str | None = None, context: int = 4096,
+                        progress: bool = True, weights: str = "float32", threads: int | None = None
+                        ) -> "OffloadedModel":
         """Load ``model`` (hub repo id, local HF directory, ``.gguf`` file, or None for the embedded
         SmolLM2-135M-Instruct). Hub access honours ``HF_HUB_OFFLINE`` and ``local_files_only``.
 
@@ -191,10 +139,14 @@ class OffloadedModel:
         ``device`` and cold rows on the CPU (see :meth:`offload`). With ``device="cpu"``,
         ``gpu_memory=0`` runs the hybrid with every neuron cold: the CPU-only sparse engine.
 
-        ``weights="float16"``: weight matrices are stored in fp16 and widened in the kernels
-        (:mod:`offload.half`), half the bytes a token reads. On the CPU (fp32 activations) it applies to
-        the whole model; with a GPU budget, to the cold rows the CPU reads (the device side takes
-        ``dtype``). The default ``"float32"`` keeps transformers' fp32 numbers exactly."""
+        ``weights``: how weight matrices are stored for the CPU (offload.formats): "float32" (exact to
+        transformers' fp32 model) or "float16" (half the bytes a token reads, fp32 arithmetic). On the CPU
+        it applies to the whole model; with a GPU budget, to the cold rows (the device side takes
+        ``dtype``). ``threads``: CPU threads for the decode kernels (default: every CPU this process may
+        use; on a machine shared with other busy processes ``threads=1`` keeps decode steady)."""
+        from offload.cpu.decode import fuse_decode_blocks, warm_up
+        from offload.formats import apply_weight_format, check_weight_format
+
         device = torch.device(device if device is not None else "cpu")
         if gpu_memory in (0, "0") and device.type == "cpu":
             budget = 0  # no device memory: every FFN neuron cold (see offload())
@@ -203,26 +155,31 @@ class OffloadedModel:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA GPU; use device='cpu'")
         dtype = _resolve_dtype(dtype, device)
-        if weights not in ("float32", "float16"):
-            raise ValueError(f"weights={weights!r}: expected 'float32' or 'float16'")
-        if weights == "float16" and device.type == "cpu" and dtype != torch.float32:
-            raise ValueError("weights='float16' on the CPU stores fp16 under fp32 activations: use dtype='float32'")
-        if weights == "float16" and device.type != "cpu" and gpu_memory is None:
-            raise ValueError("weights='float16' on a GPU applies to the hybrid's cold rows (give gpu_memory=); "
-                             "for a dense GPU model choose dtype='float16'")
-        if weights == "float16":
-            from offload.half import store_weights_fp16  # numba: imported only when used
+        check_weight_format(weights)
+        threads = check_threads(threads)
+        if device.type == "cpu" and dtype != torch.float32:
+            raise ValueError(f"dtype={dtype}: CPU decode computes in float32; choose how weights are stored "
+                             "with weights= instead")
+        if weights != "float32" and device.type != "cpu" and gpu_memory is None:
+            raise ValueError(f"weights={weights!r} applies to the CPU side (give gpu_memory= for a hybrid run); "
+                             "for a dense GPU model choose dtype=")
         ckpt = open_checkpoint(model, revision=revision, local_files_only=local_files_only)
-        if budget is None:  # dense: the whole model on the device
+        if budget is None and device.type != "cpu":  # dense on a GPU: torch modules in dtype
             net = build_model(ckpt, dtype=dtype, device=device, progress=progress)
-            if weights == "float16":
-                store_weights_fp16(net)
-            return cls(net, load_tokenizer(ckpt), ckpt, device=device)
-        # Hybrid: load dense on the CPU in fp32, then split every FFN between the device and the CPU.
+            return cls(net, load_tokenizer(ckpt), ckpt, device=device, threads=threads)
         net = build_model(ckpt, dtype=torch.float32, device="cpu", progress=progress)
-        if weights == "float16":
-            store_weights_fp16(net)
-        m = cls(net, load_tokenizer(ckpt), ckpt, device=torch.device("cpu"), gpu_memory=budget)
+        if device.type == "cpu":
+            apply_weight_format(net, weights, start_pool(threads))
+            fuse_decode_blocks(net)
+        elif weights == "float16":  # the cold rows the CPU will hold: fp16 (the hybrid keeps their dtype)
+            for layer in net.layers:
+                for lin in layer.mlp.modules():
+                    if isinstance(lin, Linear):
+                        lin.weight.data = lin.weight.data.half()
+        m = cls(net, load_tokenizer(ckpt), ckpt, device=torch.device("cpu"), gpu_memory=budget, threads=threads)
+        if budget is None:
+            warm_up(net)
+            return m
         m.offload(budget, device=device, hot_dtype=dtype, context=context, progress=progress)
         return m
 
@@ -259,7 +216,7 @@ class OffloadedModel:
             eos_token_id = self._default_eos()
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                             eos_token_id=_as_tuple(eos_token_id, int), stop_strings=_as_tuple(stop_strings, str),
+                             eos_token_id=as_tuple(eos_token_id, int), stop_strings=as_tuple(stop_strings, str),
                              pad_token_id=pad_token_id, seed=seed)
         if self.hybrid_stats is not None:
             self.hybrid_stats.reset()
@@ -268,7 +225,7 @@ class OffloadedModel:
         return ids
 
     def _default_eos(self) -> list[int]:
-        eos = set(_as_tuple(self.config.eos_token_id, int))
+        eos = set(as_tuple(self.config.eos_token_id, int))
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)
         if tok_eos is not None:
             eos.add(tok_eos)

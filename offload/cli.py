@@ -21,6 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory", default=None, help="GPU budget, e.g. 8GiB or 8GB")
     p.add_argument("--weights", choices=("float32", "float16"), default="float32",
                    help="CPU weight storage: float16 halves the bytes a token reads (fp32 math; default float32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for decode (default: every CPU; on a machine shared with busy processes, 1)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--local-files-only", action="store_true", help="never download; use the local hub cache")
 
@@ -34,7 +36,7 @@ def cmd_generate(args) -> int:
         raise OffloadError(f"--max-new-tokens={args.max_new_tokens}: expected an integer >= 0")
     m = OffloadedModel.from_pretrained(args.model, device=args.device, dtype=args.dtype, gpu_memory=args.gpu_memory,
                                        revision=args.revision, local_files_only=args.local_files_only,
-                                       context=args.context, weights=args.weights)
+                                       context=args.context, weights=args.weights, threads=args.threads)
     if args.chat:
         ids = m.chat_ids(args.prompt)
     else:

@@ -47,23 +47,15 @@ def perplexity(model, wins: torch.Tensor, *, progress: bool = False, desc: str =
     return {"ppl": math.exp(nll / count), "nll": nll, "tokens": count, "argmax": torch.stack(argmax)}
 
 
-@torch.inference_mode()
 def greedy_generate(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """Greedy continuation [n] of prompt [t] with the KV cache (decode steps are batch 1, one token)."""
+    """Greedy continuation [n] of prompt [t] with the KV cache (offload.generation.generate: decode
+    steps are batch 1, one token)."""
+    from offload.generation import SamplingConfig, generate
+
     net = _net(model)
-    device = next(net.parameters()).device
-    prompt = prompt.reshape(1, -1).to(device)
-    cache = net.new_cache(1, prompt.shape[1] + n)
-    logits = net(prompt, cache, 0, last_only=True)
-    out, pos = [], prompt.shape[1]
-    for _ in range(n):
-        tok = logits[0, -1].argmax().reshape(1, 1)
-        out.append(int(tok))
-        if len(out) == n:
-            break
-        logits = net(tok, cache, pos, last_only=True)
-        pos += 1
-    return torch.tensor(out, dtype=torch.long)
+    prompt = prompt.reshape(1, -1)
+    ids, _ = generate(net, prompt, SamplingConfig(max_new_tokens=n), max_context=prompt.shape[1] + n)
+    return ids[0, prompt.shape[1]:].cpu()
 
 
 def _prompts(tokens: torch.Tensor, n_prompts: int, prompt_tokens: int) -> list[torch.Tensor]:

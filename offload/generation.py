@@ -1,19 +1,19 @@
 """Token generation with transformers' ``generate`` keyword names and meanings.
 
-``generate(model, input_ids, max_new_tokens=…, do_sample=…, …)`` runs one prefill forward over
-the prompt, then one cached forward per new token, and returns (ids [b, prompt + new], stats).
+``generate(model, input_ids, cfg, …)`` runs one prefill forward over the prompt, then one cached
+forward per new token, and returns (ids [b, prompt + new], stats). It is the engine's only decode
+loop: ``OffloadedModel.generate``, ``offload eval`` (greedy agreement) and the tests all go through it
+(``logits=`` collects what each forward returned).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-
-import contextlib
 
 import torch
 
 from offload.errors import GenerationError
-from offload.models.common import cpu_decode_mode, warm_cpu_decode
 
 
 @dataclass
@@ -72,7 +72,7 @@ class SamplingConfig:
         return not self.do_sample or self.temperature == 0
 
 
-def _as_tuple(value, kind) -> tuple:
+def as_tuple(value, kind) -> tuple:
     if value is None:
         return ()
     if isinstance(value, kind):
@@ -114,13 +114,28 @@ def next_tokens(logits: torch.Tensor, ids: torch.Tensor, cfg: SamplingConfig,
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block, restored after. CPU decode keeps torch's
+    own ops (embedding, norms, sampling) on one thread: the weight products run on numba's pool, and two
+    pools of spinning workers on the same cores slow each other down many times over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, cfg: SamplingConfig, *, max_context: int,
-             streamer=None, tokenizer=None) -> tuple[torch.Tensor, GenerationStats]:
+             streamer=None, tokenizer=None, logits: list | None = None) -> tuple[torch.Tensor, GenerationStats]:
     """Prefill the prompt, then decode up to cfg.max_new_tokens tokens with the KV cache.
 
-    ``model(ids, cache, start, last_only=True)`` must return logits [b, 1, V]; ``model.new_cache(b, n)``
-    a cache for n positions. Finished rows (eos or stop string) are padded with pad_token_id.
+    ``model(ids, cache, start, last_only=...)`` returns logits [b, t, V]; ``model.new_cache(b, n)`` a
+    cache for n positions; ``model.device`` where ids go. Finished rows (eos or stop string) are padded
+    with pad_token_id. ``logits``: a list that receives the prompt's logits [b, t, V] (every position),
+    then each decode step's [b, 1, V].
     """
     if not torch.is_tensor(input_ids):
         input_ids = torch.as_tensor(input_ids)
@@ -151,22 +166,22 @@ def generate(model, input_ids: torch.Tensor, cfg: SamplingConfig, *, max_context
     generator = None
     if cfg.seed is not None and not cfg.greedy:
         generator = torch.Generator().manual_seed(cfg.seed)
-    device = next(model.parameters()).device
+    device = model.device
     cache = model.new_cache(b, prompt_len + cfg.max_new_tokens)
     eos = torch.tensor(cfg.eos_token_id, dtype=torch.int64) if cfg.eos_token_id else None
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
     finished = torch.zeros(b, dtype=torch.bool)
-    if device.type == "cpu":
-        warm_cpu_decode()  # outside the timed part
 
     t0 = time.perf_counter()
-    logits = model(ids.to(device), cache, 0, last_only=True)[:, -1]
+    out = model(ids.to(device), cache, 0, last_only=logits is None)
+    if logits is not None:
+        logits.append(out)
+    last = out[:, -1]
     t_decode = time.perf_counter()
     stats.prefill_seconds = t_decode - t0
-    # One cached forward per new token; on the CPU in decode mode (NumPy GEMVs, torch on one thread).
-    with cpu_decode_mode() if device.type == "cpu" else contextlib.nullcontext():
+    with torch_threads(1) if device.type == "cpu" else contextlib.nullcontext():
         for step in range(cfg.max_new_tokens):
-            token = next_tokens(logits, ids.to(logits.device), cfg, generator).cpu()
+            token = next_tokens(last, ids.to(last.device), cfg, generator).cpu()
             token = torch.where(finished, torch.full_like(token, pad), token)
             ids = torch.cat([ids, token[:, None]], dim=1)
             stats.new_tokens += 1
@@ -182,7 +197,10 @@ def generate(model, input_ids: torch.Tensor, cfg: SamplingConfig, *, max_context
                             finished[row] = True
             if bool(finished.all()) or step == cfg.max_new_tokens - 1:
                 break
-            logits = model(token[:, None].to(device), cache, prompt_len + step, last_only=True)[:, -1]
+            out = model(token[:, None].to(device), cache, prompt_len + step, last_only=True)
+            if logits is not None:
+                logits.append(out)
+            last = out[:, -1]
     stats.decode_seconds = time.perf_counter() - t_decode
     if streamer is not None:
         streamer.end()

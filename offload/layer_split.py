@@ -73,16 +73,14 @@ def apply_layer_split(model: nn.Module, budget: int, device: torch.device | str,
     cfg = model.config
     kv = 2 * batch * cfg.num_key_value_heads * context * cfg.head_dim * elt
     layer_bytes = [_param_bytes(layer, elt) + kv for layer in model.layers]
-    head_bytes = _param_bytes(model.norm, elt) + model.head_weight.numel() * elt
+    head_bytes = _param_bytes(model.norm, elt) + model.lm_head.weight.numel() * elt
     reserve = RESERVE_BYTES if device.type == "cuda" else 0
     n, head, used = plan_layer_split(layer_bytes, head_bytes, budget, reserve)
     with torch.no_grad():
         for layer in model.layers[:n]:
             layer.to(device=device, dtype=dtype)
         if head:
-            if model.lm_head is None:  # tied: the device gets its own copy; lookups stay on the CPU
-                model.lm_head = nn.Parameter(model.embed.detach().to(device, dtype), requires_grad=False)
-            else:
-                model.lm_head = nn.Parameter(model.lm_head.detach().to(device, dtype), requires_grad=False)
+            # A tied head gets its own copy on the device; embedding lookups stay on the CPU.
+            model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().to(device, dtype), requires_grad=False)
             model.norm.to(device=device, dtype=dtype)
     return LayerSplit(gpu_layers=n, layers=len(model.layers), head_on_device=head, device_bytes=used, budget=budget)

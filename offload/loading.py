@@ -3,6 +3,7 @@ expected shape, nothing unexpected."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from offload.checkpoint import Checkpoint
@@ -27,14 +28,22 @@ def check_tensors(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], ignora
                                   f"{list(ckpt.shapes[name])}, expected {list(shape)} from config.json")
 
 
+def set_parameter(model: nn.Module, path: str, value: torch.Tensor) -> None:
+    """Set the parameter at ``path`` ("layers.0.attn.qkv.weight") to a frozen Parameter holding ``value``."""
+    owner, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, nn.Parameter(value, requires_grad=False))
+
+
 def build_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 progress: bool = True) -> torch.nn.Module:
-    """The dense model for ``ckpt`` with its weights loaded, in ``dtype`` on ``device``."""
+    """The dense model for ``ckpt`` with its weights loaded, in ``dtype`` on ``device``: each parameter
+    from the checkpoint tensors its family names (``parameter_sources``), concatenated when several."""
     module, config_cls, model_cls = family_for(ckpt.config.get("model_type"))
     cfg = config_cls.from_hf(ckpt.config)
     expected = module.expected_tensors(cfg)
     check_tensors(ckpt, expected, lambda n: module.ignorable_tensor(n, cfg))
     model = model_cls(cfg, dtype=dtype, device="meta")
+    sources = model.parameter_sources()
     bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress, leave=False)
 
     def get(name: str) -> torch.Tensor:
@@ -43,14 +52,19 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: st
             raise CheckpointError(f"{ckpt.files.get(name, ckpt.source)}: tensor {name!r} read with shape "
                                   f"{list(tensor.shape)}, expected {list(expected[name])}")
         bar.update(1)
-        return tensor.to(device)
+        return tensor
 
     try:
-        model.load_weights(get)
+        with torch.no_grad():
+            for path, names in sources.items():
+                parts = [get(n) for n in names]
+                value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                set_parameter(model, path, value.to(device=device, dtype=dtype).contiguous())
     finally:
         bar.close()
+    model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if left:  # a family's load_weights forgot a parameter: a bug in offload, not in the checkpoint
+    if left:  # a family's parameter_sources forgot a parameter: a bug in offload, not in the checkpoint
         raise RuntimeError(f"parameters left unloaded: {left[:5]}")
     model.eval()
     return model

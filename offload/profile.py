@@ -29,12 +29,13 @@ from torch import nn
 
 from offload.corpus import windows as make_windows
 from offload.errors import ArtifactError
+from offload.models.common import FFNModule
 from offload.sparse import EXACT_KINDS, _net, check_density, ffn_down, ffn_weights, topk_count
 
 FORMAT, VERSION = "offload.profile", "1"
 
 
-class Tap(nn.Module):
+class Tap(FFNModule):
     """Wraps a dense FFN; computes it unchanged and hands (layer, x, act) to ``hook`` on the way."""
 
     def __init__(self, dense: nn.Module, layer: int, hook: Callable[[int, torch.Tensor, torch.Tensor], None]):

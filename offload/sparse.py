@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from offload.errors import OffloadError
-from offload.models.common import linear
+from offload.models.common import FFNModule
+from offload.models.ffn_kind import FFNKind, activation as ffn_activation
 
-EXACT_KINDS = ("relu", "drelu", "relu_fc")  # sparsity is exact: inactive neurons contribute 0
+EXACT_KINDS = tuple(k.value for k in FFNKind if k.exact_sparsity)  # inactive neurons contribute exactly 0
 
 
 class SparsityError(OffloadError, ValueError):
@@ -74,28 +75,30 @@ class FFNWeights:
         return rows * self.d * self.up.element_size()
 
 
+def stored_weight(linear: nn.Module) -> torch.Tensor:
+    """A linear module's weight [out, in] as a float tensor in its storage dtype (fp32, fp16, bf16), or
+    dequantized to fp32 for formats that store something else (offload.formats)."""
+    w = getattr(linear, "weight", None)
+    return w if isinstance(w, torch.Tensor) else linear.dense_weight()
+
+
 def ffn_weights(mlp: nn.Module) -> FFNWeights:
     """The FFN's weights for a GatedFFN (LLaMA family) or ReluFFN (OPT), or a SparseFFN wrapping one."""
     mlp = getattr(mlp, "dense", mlp)
-    if mlp.kind == "relu_fc":
-        return FFNWeights("relu_fc", None, mlp.fc1, mlp.fc2, None, mlp.fc1_bias, mlp.fc2_bias)
+    if mlp.kind == FFNKind.RELU_FC:
+        return FFNWeights("relu_fc", None, stored_weight(mlp.fc1), stored_weight(mlp.fc2), None, mlp.fc1.bias,
+                          mlp.fc2.bias)
     n = mlp.n
-    b = mlp.gate_up_bias
-    return FFNWeights(mlp.kind, mlp.gate_up[:n], mlp.gate_up[n:], mlp.down,
-                      None if b is None else b[:n], None if b is None else b[n:], mlp.down_bias)
+    b = mlp.gate_up.bias
+    w = stored_weight(mlp.gate_up)
+    return FFNWeights(FFNKind.of(mlp.kind).value, w[:n], w[n:], stored_weight(mlp.down),
+                      None if b is None else b[:n], None if b is None else b[n:], mlp.down.bias)
 
 
 def activation(kind: str, g: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
-    """The per-neuron intermediate value from gate g and up u (u is fc1's output for relu_fc)."""
-    if kind == "swiglu":
-        return F.silu(g) * u
-    if kind == "relu":
-        return F.relu(g) * u
-    if kind == "drelu":
-        return F.relu(g) * F.relu(u)
-    if kind == "relu_fc":
-        return F.relu(u)
-    raise SparsityError(f"FFN kind {kind!r}: expected swiglu, relu, drelu or relu_fc")
+    """The per-neuron intermediate value from gate g and up u (u is fc1's output for relu_fc):
+    models.ffn_kind.activation."""
+    return ffn_activation(kind, g, u)
 
 
 def check_density(density, layers: int | None = None) -> list[float] | float | None:
@@ -147,22 +150,27 @@ def true_activity(mlp: nn.Module, x: torch.Tensor, density: float | None = None,
 
 def ffn_down(mlp: nn.Module, act: torch.Tensor) -> torch.Tensor:
     """down(act) (+ bias): the FFN's output from its intermediate values [..., n]."""
-    w = ffn_weights(mlp)
-    return linear(act, w.down, w.down_bias)
+    mlp = getattr(mlp, "dense", mlp)
+    return (mlp.down if mlp.kind != FFNKind.RELU_FC else mlp.fc2)(act)
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear with the weight (any storage dtype) taken to x's dtype."""
+    return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
 def sparse_ffn_forward(mlp: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The FFN output [..., d] computing only neurons ``idx`` (LongTensor [k]) for every row of x."""
-    mlp = getattr(mlp, "dense", mlp)
+    w = ffn_weights(mlp)
     idx = idx.reshape(-1).to(device=x.device, dtype=torch.long)
-    if mlp.kind == "relu_fc":
-        b = mlp.fc1_bias.index_select(0, idx)
-        act = F.relu(linear(x, mlp.fc1.index_select(0, idx), b))
-        return linear(act, mlp.fc2.index_select(1, idx), mlp.fc2_bias)
-    both = torch.cat((idx, idx + mlp.n))
-    b = None if mlp.gate_up_bias is None else mlp.gate_up_bias.index_select(0, both)
-    g, u = linear(x, mlp.gate_up.index_select(0, both), b).split(idx.numel(), dim=-1)
-    return linear(activation(mlp.kind, g, u), mlp.down.index_select(1, idx), mlp.down_bias)
+    if w.kind == "relu_fc":
+        act = F.relu(_matmul(x, w.up.index_select(0, idx), w.up_bias.index_select(0, idx)))
+        return _matmul(act, w.down.index_select(1, idx), w.down_bias)
+    gb = None if w.gate_bias is None else w.gate_bias.index_select(0, idx)
+    ub = None if w.up_bias is None else w.up_bias.index_select(0, idx)
+    g = _matmul(x, w.gate.index_select(0, idx), gb)
+    u = _matmul(x, w.up.index_select(0, idx), ub)
+    return _matmul(activation(w.kind, g, u), w.down.index_select(1, idx), w.down_bias)
 
 
 def masked_ffn_forward(mlp: nn.Module, x: torch.Tensor, mask: torch.Tensor,
@@ -195,7 +203,7 @@ class OracleSelector:
         return self.mask(x.reshape(-1)).nonzero().reshape(-1)
 
 
-class SparseFFN(nn.Module):
+class SparseFFN(FFNModule):
     """Wraps a layer's FFN (``dense``, kept unchanged) and computes only the neurons ``selector``
     picks: one token → ``select`` + row gathers; several → per-token ``mask``. Counts what it
     computed (``selected`` neurons over ``tokens``) for :func:`sparse_stats`."""

@@ -1,7 +1,6 @@
 """Helpers shared by test modules (pytest puts tests/ on sys.path: ``from helpers import ...``)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -10,24 +9,15 @@ import sys
 import pytest
 import torch
 
-from offload.models.common import cpu_decode_mode
+from offload.generation import SamplingConfig, generate
 
 
-def greedy_logits(model, ids: torch.Tensor, steps: int, decode_mode: bool = False) -> torch.Tensor:
-    """Logits [b, t + steps, V] of a prefill over ids, then ``steps`` cached greedy decode steps
-    (inside cpu_decode_mode when ``decode_mode``: the one-token CPU paths)."""
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + steps)
-    out = []
-    with torch.no_grad():
-        logits = model(ids, cache, 0)
-        out.append(logits)
-        tok = logits[:, -1].argmax(-1, keepdim=True)
-        for s in range(steps):
-            with cpu_decode_mode() if decode_mode else contextlib.nullcontext():
-                logits = model(tok, cache, ids.shape[1] + s)
-            out.append(logits)
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-    return torch.cat(out, dim=1)
+def greedy_logits(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Logits [b, t + steps, V] of a prefill over ids, then ``steps`` cached greedy decode steps: the
+    engine's decode loop (offload.generation.generate)."""
+    out: list = []
+    generate(model, ids, SamplingConfig(max_new_tokens=steps + 1), max_context=ids.shape[1] + steps + 1, logits=out)
+    return torch.cat([o.to("cpu", torch.float32) for o in out], dim=1)
 
 
 def interpreter_worker_results(test_file: str, marker: str) -> dict:
@@ -44,11 +34,11 @@ def interpreter_worker_results(test_file: str, marker: str) -> dict:
 
 
 def oracle_relu(mlp):
-    """Exact activity of a ReLU-family FFN as a selector: neurons whose activation is non-zero for any
-    token of x [b, d]."""
-    def select(x):
-        return torch.nonzero((mlp.intermediate(x) != 0).any(0)).flatten()
-    return select
+    """Exact activity of a ReLU-family FFN as a selector (offload.select): neurons whose activation is
+    non-zero for any token of x [b, d]."""
+    from offload.select import CallableSelector
+
+    return CallableSelector(lambda x: torch.nonzero((mlp.intermediate(x) != 0).any(0)).flatten(), mlp.n)
 
 
 def case_result(run, case) -> str:

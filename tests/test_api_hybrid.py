@@ -60,14 +60,26 @@ def test_offload_budget_below_fixed_part_is_refused(tiny_prepared):
         m.offload(10_000, device=torch.device("cpu"), context=64, prepared=prep, progress=False)
 
 
-def test_device_shadow_selector_matches_the_predictor(tiny_prepared):
-    """The GPU-side selector (scoring op + top-k), run here through the op's CPU reference, picks the
-    same neurons as the predictor's own mask."""
-    from offload.api import device_shadow_selector
+def test_device_selector_matches_the_predictor(tiny_prepared):
+    """The GPU-side selector (scoring op + top-k, −1-padded ids), run here through the op's CPU reference,
+    picks the same neurons as the predictor's own mask, for one token and for a batch."""
+    from offload.select import DeviceSelector
 
     _, prep = tiny_prepared
     pred = prep.predictors[0]
-    select = device_shadow_selector(pred, torch.device("cpu"))
-    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
-    expected = pred.mask(x).any(0).nonzero().flatten()
-    assert torch.equal(select(x), expected)
+    select = DeviceSelector(pred, prep.predictors.selector(0), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for b in (1, 3):
+        x = torch.randn(b, 64, generator=g)
+        ids = select.device_ids(x)
+        expected = pred.mask(x).any(0).nonzero().flatten()
+        assert torch.equal(torch.sort(ids[ids >= 0]).values, expected)
+
+
+def test_offload_twice_is_refused(tiny_prepared):
+    ckpt, prep = tiny_prepared
+    m = OffloadedModel(build_model(ckpt, progress=False), None, ckpt, device=torch.device("cpu"))
+    m.offload(0, device=torch.device("cpu"), context=64, prepared=prep, progress=False)
+    with pytest.raises(BudgetError, match="already placed"):
+        m.offload(0, device=torch.device("cpu"), context=64, prepared=prep, progress=False)
+    m.model.hybrid_worker.close()

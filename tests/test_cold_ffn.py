@@ -1,29 +1,35 @@
-"""ColdFFN (CPU cold-neuron FFN) against the float64 dense-on-gathered-rows reference."""
+"""ColdFFN (CPU cold-neuron FFN) against models.ffn_kind.reference_ffn (float64, gathered rows)."""
 import os
 import signal
-import threading
 
 import numpy as np
 import pytest
+import torch
 
-from offload.cold import KINDS, ColdFFN, numba_available, reference_forward
-from offload.cold import ffn as ffn_mod
+from offload.cpu import cold as cold_mod
+from offload.cpu import cold_kernels
+from offload.cpu.cold import ColdFFN
+from offload.models.ffn_kind import FFNKind, reference_ffn
 
-_needs_numba = pytest.mark.skipif(not numba_available(), reason="numba not installed")
-BACKENDS = [pytest.param("numba", marks=_needs_numba), "numpy"]
-# (backend, split every call over the helper threads however small)
-PATHS = [pytest.param("numba", False, marks=_needs_numba, id="numba"),
-         pytest.param("numba", True, marks=_needs_numba, id="numba-split"),
-         pytest.param("numpy", False, id="numpy")]
+KINDS = [k.value for k in FFNKind]
+SPLIT = [pytest.param(False, id="inline"), pytest.param(True, id="split")]  # every call split over threads
 TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def reference_forward(x, idx, gate, up, down, act="swiglu", bias=None):
+    """The float64 reference on NumPy arrays (HF shapes; up=None and bias=b1 for relu_fc)."""
+    t = lambda a: None if a is None else torch.from_numpy(np.asarray(a, np.float64))  # noqa: E731
+    y = reference_ffn(act, t(np.asarray(x, np.float64)), t(gate), t(gate) if up is None else t(up), t(down),
+                      torch.as_tensor(np.asarray(idx, np.int64)), t(bias))
+    return y.float().numpy()
 
 
 @pytest.fixture
 def split_always(monkeypatch):
     """Split every sparse call over the helper threads, however small (the real threshold is
     hundreds of KiB, more than these test layers)."""
-    monkeypatch.setattr(ffn_mod, "MIN_BYTES_PER_THREAD", 1)
-    monkeypatch.setattr(ffn_mod, "BLOCK_BYTES", 1)  # threads claim one neuron at a time
+    monkeypatch.setattr(cold_mod, "MIN_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(cold_mod, "BLOCK_BYTES", 1)  # threads claim one neuron at a time
 
 
 def make_layer(act, n, d, seed=0, dtype=np.float32):
@@ -46,16 +52,15 @@ def check(cold, x, idx, layer, act):
     return y
 
 
-@_needs_numba
 @pytest.mark.parametrize("pool", ["team", "numba"])
 @pytest.mark.parametrize("act", KINDS)
 @pytest.mark.parametrize("n,d", [(200, 64), (131, 67)])
 def test_fp16_storage_matches_reference(act, pool, n, d, monkeypatch):
     """fp16-stored bundles (widened in the kernel, fp32 accumulation) against the float64 reference on
     the same fp16-rounded weights, on both thread pools, every call split."""
-    monkeypatch.setattr(ffn_mod, "MIN_BYTES_PER_THREAD", 1)
-    monkeypatch.setattr(ffn_mod, "MIN_BYTES_PER_THREAD_SPINNING", 1)
-    monkeypatch.setattr(ffn_mod, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(cold_mod, "MIN_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(cold_mod, "MIN_BYTES_PER_THREAD_SPINNING", 1)
+    monkeypatch.setattr(cold_mod, "BLOCK_BYTES", 1)
     gate, up, down, bias = make_layer(act, n, d, seed=n)
     cold = ColdFFN(gate, up, down, act=act, bias=bias, threads=2, dtype=np.float16, pool=pool)
     assert cold.W.dtype == np.float16 and cold.bytes_per_neuron == cold.m * d * 2
@@ -74,18 +79,22 @@ def test_fp16_storage_matches_reference(act, pool, n, d, monkeypatch):
         ColdFFN(gate, up, down, act=act, bias=bias, pool="omp")
     with pytest.raises(ValueError, match="dtype"):
         ColdFFN(gate, up, down, act=act, bias=bias, dtype=np.float64)
+    if pool == "numba":
+        from offload.cpu.pool import start_pool
+
+        start_pool()
 
 
-@pytest.mark.parametrize("backend,split", PATHS)
+@pytest.mark.parametrize("split", SPLIT)
 @pytest.mark.parametrize("act", KINDS)
 @pytest.mark.parametrize("n,d", [(200, 64), (131, 67), (37, 5)])
-def test_matches_reference(act, backend, split, n, d, monkeypatch):
+def test_matches_reference(act, split, n, d, monkeypatch):
     if split:
-        monkeypatch.setattr(ffn_mod, "MIN_BYTES_PER_THREAD", 1)
-        monkeypatch.setattr(ffn_mod, "BLOCK_BYTES", 1)  # threads claim one neuron at a time
+        monkeypatch.setattr(cold_mod, "MIN_BYTES_PER_THREAD", 1)
+        monkeypatch.setattr(cold_mod, "BLOCK_BYTES", 1)  # threads claim one neuron at a time
     layer = make_layer(act, n, d, seed=n + d)
     gate, up, down, bias = layer
-    cold = ColdFFN(gate, up, down, act=act, bias=bias, backend=backend, threads=2)
+    cold = ColdFFN(gate, up, down, act=act, bias=bias, threads=2)
     rng = np.random.default_rng(1)
     subsets = [np.array([], np.int64), np.array([n // 2]), np.arange(n),
                np.sort(rng.choice(n, n // 3, replace=False)),
@@ -98,12 +107,11 @@ def test_matches_reference(act, backend, split, n, d, monkeypatch):
                 assert not y.any()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act", KINDS)
-def test_forward_dense_equals_all_indices(act, backend):
+def test_forward_dense_equals_all_indices(act):
     n, d = 200, 64
     gate, up, down, bias = make_layer(act, n, d, seed=3)
-    cold = ColdFFN(gate, up, down, act=act, bias=bias, backend=backend)
+    cold = ColdFFN(gate, up, down, act=act, bias=bias)
     rng = np.random.default_rng(4)
     for t in (1, 5, 17):
         x = rng.standard_normal((t, d)).astype(np.float32)
@@ -164,14 +172,14 @@ def test_input_conversion_and_views():
     assert fc.W.shape == (n, 2, d) and fc.up is None
 
 
-@pytest.mark.parametrize("backend,split", PATHS)
-def test_errors(backend, split, monkeypatch):
+@pytest.mark.parametrize("split", SPLIT)
+def test_errors(split, monkeypatch):
     if split:
-        monkeypatch.setattr(ffn_mod, "MIN_BYTES_PER_THREAD", 1)
-        monkeypatch.setattr(ffn_mod, "BLOCK_BYTES", 1)  # threads claim one neuron at a time
+        monkeypatch.setattr(cold_mod, "MIN_BYTES_PER_THREAD", 1)
+        monkeypatch.setattr(cold_mod, "BLOCK_BYTES", 1)  # threads claim one neuron at a time
     n, d = 20, 8
     gate, up, down, _ = make_layer("swiglu", n, d)
-    cold = ColdFFN(gate, up, down, backend=backend, threads=2)
+    cold = ColdFFN(gate, up, down, threads=2)
     x = np.zeros(d, np.float32)
     with pytest.raises(IndexError):
         cold.forward(x, [n])
@@ -181,7 +189,7 @@ def test_errors(backend, split, monkeypatch):
         cold.forward(x, list(range(n)) + [n + 5])  # bad index in the last chunk
     with pytest.raises(ValueError):
         cold.forward(np.zeros(d + 1, np.float32), [0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # UnsupportedModelError is a ValueError
         ColdFFN(gate, up, down, act="gelu")
     with pytest.raises(ValueError):
         ColdFFN(gate, up, down.T)
@@ -193,54 +201,12 @@ def test_errors(backend, split, monkeypatch):
         ColdFFN(gate, None, down, act="relu_fc")  # needs bias
     with pytest.raises(ValueError):
         ColdFFN(gate, up, down, bias=np.zeros(n))  # bias only for relu_fc
-    with pytest.raises(ValueError):
-        ColdFFN(gate, up, down, backend="cuda")
 
 
-def test_team_propagates_helper_errors_and_stays_usable():
-    team = ffn_mod._Team(2)
-    seen = []
-
-    def job(j):
-        if j == 1:
-            raise ZeroDivisionError("in helper")
-        seen.append((j, threading.current_thread().name))
-
-    with pytest.raises(ZeroDivisionError, match="in helper"):
-        team.run(job, [(0,), (1,)])
-    team.run(lambda j: seen.append((j, threading.current_thread().name)), [(0,), (1,)])
-    names = {j: name for j, name in seen}
-    assert names[0] == threading.current_thread().name  # chunk 0 runs inline
-    assert names[1].startswith("offload-cold-")
-
-
-def test_team_does_not_wait_for_idle_helper():
-    team = ffn_mod._Team(2)
-    release = threading.Event()
-    ran = []
-
-    def job(j):
-        if j == 1:
-            release.wait(10)  # a helper that is slow to get going
-        ran.append(j)
-        return j
-
-    # the caller is told helper 1 cannot matter: run returns without it
-    assert team.run(job, [(0,), (1,)], idle=lambda j: True) == [0, None]
-    assert ran == [0]
-    release.set()
-    # the next run first joins the stale job, then runs normally
-    assert team.run(job, [(0,), (1,)]) == [0, 1]
-    assert sorted(ran) == [0, 0, 1, 1]
-
-
-@pytest.mark.skipif(not numba_available(), reason="numba not installed")
 def test_kernel_releases_gil_and_is_cached():
-    from offload.cold import _numba
-
-    opts = _numba.cold_chunk.targetoptions
+    opts = cold_kernels.cold_chunk.targetoptions
     assert opts.get("nogil") and not opts.get("parallel")
-    assert _numba.cold_chunk._cache is not None  # cache=True
+    assert cold_kernels.cold_chunk._cache is not None  # cache=True
 
 
 def test_from_bundled_shares_weights():
@@ -268,20 +234,3 @@ def test_split_forward_in_forked_child(split_always):
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
         f"child exit status {os.waitstatus_to_exitcode(status)}")
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs CPU affinity and two CPUs")
-def test_helpers_kept_off_the_callers_cpu(monkeypatch):
-    team = ffn_mod._Team(2)
-    if not team._cpus:
-        pytest.skip("sched_getcpu unavailable")
-    cpus = set(team._cpus)
-    cpu = min(cpus)
-    monkeypatch.setattr(team, "_getcpu", lambda: cpu)
-    helper = team._helpers[0]
-    team.run(lambda j: j, [(0,), (1,)])
-    assert os.sched_getaffinity(helper.tid) == cpus - {cpu}
-    monkeypatch.setattr(ffn_mod, "PLACE_HELPERS", False)
-    team.run(lambda j: j, [(0,), (1,)])
-    assert os.sched_getaffinity(helper.tid) == cpus  # switched off: every CPU again

@@ -8,7 +8,8 @@ import traceback
 import numpy as np
 import pytest
 
-from offload.cold import ColdFFN, ColdWorker
+from offload.cpu.cold import ColdFFN
+from offload.cpu.worker import ColdWorker
 
 
 def test_result_order_and_kwargs():

@@ -12,23 +12,16 @@ import torch
 from offload.checkpoint import open_checkpoint
 from offload.hybrid import apply_placement
 from offload.loading import build_model
+from offload.select import CallableSelector
+
+from helpers import greedy_logits
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def _greedy(model, ids, steps, device):
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + steps, device=device)
-    out = []
-    with torch.no_grad():
-        logits = model(ids.to(device), cache, 0)
-        out.append(logits.float().cpu())
-        tok = logits[:, -1].argmax(-1, keepdim=True)
-        for s in range(steps):
-            logits = model(tok, cache, ids.shape[1] + s)
-            out.append(logits.float().cpu())
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-    return torch.cat(out, dim=1)
+    return greedy_logits(model, ids, steps)
 
 
 @pytest.mark.parametrize("kind", ["llama_relu", "opt"])
@@ -40,12 +33,48 @@ def test_relu_model_on_gpu_equals_dense(tiny_checkpoint, kind):
     rng = np.random.default_rng(0)
     hot = [np.sort(rng.choice(n, size=n // 2, replace=False)) for _ in dense.layers]
     oracles = [copy.deepcopy(layer.mlp).cuda() for layer in dense.layers]
-    selectors = [lambda x, m=m: torch.nonzero((m.intermediate(x) != 0).any(0)).flatten() for m in oracles]
+    selectors = [CallableSelector(lambda x, m=m: torch.nonzero((m.intermediate(x) != 0).any(0)).flatten(), n)
+                 for m in oracles]
     model = copy.deepcopy(dense)
     apply_placement(model, hot, selectors, device="cuda", hot_dtype=torch.float32)
     got = _greedy(model, ids, 6, "cuda")
     assert (got - expected).abs().max().item() <= 1e-4  # TF32 off by default for these kernels; fp32 accumulate
     model.hybrid_worker.close()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_swiglu_gpu_step_equals_cpu_hybrid(tiny_checkpoint, batch):
+    """The GPU step (−1-padded ids on the device, hot kernels queued first, one copy each way) against
+    the same placement and selection with the "device" on the CPU, for one token and for a batch."""
+    dense = build_model(open_checkpoint(tiny_checkpoint("llama")), progress=False)
+    n = dense.config.intermediate_size
+    rng = np.random.default_rng(1)
+    hot = [np.sort(rng.choice(n, size=n // 3, replace=False)) for _ in dense.layers]
+    ids = torch.randint(0, 97, (batch, 8), generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for device in ("cpu", "cuda"):
+        model = copy.deepcopy(dense)
+        mlps = [copy.deepcopy(layer.mlp).to(device) for layer in dense.layers]
+        sel = [CallableSelector(lambda x, m=m: m.intermediate(x).abs().topk(n // 2, dim=-1).indices.flatten(), n)
+               for m in mlps]
+        stats = apply_placement(model, hot, sel, device=device, hot_dtype=torch.float32)
+        runs[device] = (greedy_logits(model, ids, 5), stats.active_hot, stats.active_cold)
+        model.hybrid_worker.close()
+    torch.testing.assert_close(runs["cuda"][0], runs["cpu"][0], rtol=1e-4, atol=1e-4)
+    assert runs["cuda"][1:] == runs["cpu"][1:]
+
+
+def test_device_shadow_selector_on_gpu_matches_the_predictor(tiny_checkpoint):
+    from offload.predict.shadow import ShadowPredictor
+    from offload.select import DeviceSelector
+
+    dense = build_model(open_checkpoint(tiny_checkpoint("llama")), progress=False)
+    pred = ShadowPredictor.from_ffn(dense.layers[0].mlp, density=0.5)
+    select = DeviceSelector(copy.deepcopy(pred), None, torch.device("cuda"))
+    for b in (1, 3):
+        x = torch.randn(b, 64, generator=torch.Generator().manual_seed(b))
+        got = select.device_ids(x.cuda()).cpu()
+        assert torch.equal(torch.sort(got[got >= 0]).values, pred.mask(x).any(0).nonzero().flatten())
 
 
 def test_peak_memory_within_budget(tiny_checkpoint):

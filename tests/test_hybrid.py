@@ -11,6 +11,8 @@ import torch
 from offload.checkpoint import open_checkpoint
 from offload.hybrid import apply_placement
 from offload.loading import build_model
+from offload.models.common import FFNModule
+from offload.select import CallableSelector
 
 from helpers import greedy_logits, oracle_relu
 
@@ -18,10 +20,8 @@ from helpers import greedy_logits, oracle_relu
 def topk_selector(mlp, density):
     """SwiGLU: the top-k neurons by |act| per token, union over the batch."""
     k = max(1, round(density * mlp.n))
-
-    def select(x):
-        return torch.unique(mlp.intermediate(x).abs().topk(k, dim=-1).indices.flatten())
-    return select
+    return CallableSelector(lambda x: torch.unique(mlp.intermediate(x).abs().topk(k, dim=-1).indices.flatten()),
+                            mlp.n)
 
 
 def placements(n, layers, rng):
@@ -53,7 +53,7 @@ def test_relu_models_equal_dense(tiny_checkpoint, kind):
 
 def sparse_reference(dense, selectors):
     """The sparse-FFN semantics on the dense engine: each layer computes only the selected neurons."""
-    class Sparse(torch.nn.Module):
+    class Sparse(FFNModule):
         def __init__(self, mlp, select):
             super().__init__()
             self.mlp, self.select = mlp, select
@@ -63,8 +63,8 @@ def sparse_reference(dense, selectors):
             if x.shape[1] > 1:  # prompts run dense
                 return self.mlp(x)
             mask = torch.zeros(self.mlp.n)
-            mask[self.select(x2)] = 1
-            return torch.nn.functional.linear(self.mlp.intermediate(x) * mask, self.mlp.down)
+            mask[self.select.fn(x2)] = 1
+            return self.mlp.down(self.mlp.intermediate(x) * mask)
 
     model = copy.deepcopy(dense)
     for layer, sel in zip(model.layers, selectors):

@@ -33,8 +33,10 @@ def built_bytes(model, cache) -> int:
 
 
 def ffn_neuron_bytes(mlp) -> int:
-    names = ("gate_up", "down", "gate_up_bias", "fc1", "fc1_bias", "fc2")
-    return sum(t.numel() * t.element_size() for t in (getattr(mlp, n, None) for n in names) if t is not None)
+    """Bytes indexed by neuron: gate/up (fc1) rows with their biases, and down (fc2) columns."""
+    ins = [mlp.gate_up.weight, mlp.gate_up.bias] if hasattr(mlp, "gate_up") else [mlp.fc1.weight, mlp.fc1.bias]
+    out = mlp.down.weight if hasattr(mlp, "down") else mlp.fc2.weight
+    return sum(t.numel() * t.element_size() for t in (*ins, out) if t is not None)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -67,9 +67,9 @@ def test_drelu_ffn_matches_its_definition():
 
     torch.manual_seed(0)
     ffn = GatedFFN(16, 24, "drelu", bias=False)
-    ffn.gate_up.data.normal_()
-    ffn.down.data.normal_()
+    ffn.gate_up.weight.data.normal_()
+    ffn.down.weight.data.normal_()
     x = torch.randn(3, 16)
-    g, u = x @ ffn.gate_up[:24].T, x @ ffn.gate_up[24:].T
-    expected = (torch.relu(g) * torch.relu(u)) @ ffn.down.T
+    g, u = x @ ffn.gate_up.weight[:24].T, x @ ffn.gate_up.weight[24:].T
+    expected = (torch.relu(g) * torch.relu(u)) @ ffn.down.weight.T
     assert torch.allclose(ffn(x), expected, atol=1e-5)

@@ -5,7 +5,7 @@ checkpoints against). Each HF tensor name is classified into a role, and each ro
 device. FFN tensors indexed by neuron (gate/up/fc1 rows and their biases, down/fc2 columns) are not
 part of the fixed bytes: they are counted per neuron, since the solver decides which are hot.
 
-Fill order on the accelerator (DESIGN §7): attention, predictors, norms, output head, KV cache,
+Fill order on the accelerator (PowerInfer's, which worked): attention, predictors, norms, output head, KV cache,
 scratch, then hot FFN rows. Every tensor is counted once per device that holds it: a tied head and
 embedding on the same device cost one table.
 """

@@ -86,7 +86,7 @@ def build_predictors(model, calibration: torch.Tensor | None = None, validation:
         raise SparsityError(f"method={method!r}: expected auto, shadow or lowrank")
     if kind not in EXACT_KINDS:
         raise SparsityError(f"the low-rank predictor is trained on exact activity (ReLU-family FFNs); this model's "
-                            f"FFN is {kind}: use method='shadow' (DESIGN.md §4: low-rank predictors fail on SwiGLU)")
+                            f"FFN is {kind}: use method='shadow' (low-rank predictors fail on SwiGLU: benchmarks/predictors.py)")
     from offload.profile import capture_ffn_inputs
 
     if xs_train is None:

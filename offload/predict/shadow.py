@@ -2,7 +2,7 @@
 
 A low-bit copy of the layer's gate and up rows gives approximate g̃ = Q(W_gate)·x and
 ũ = Q(W_up)·x; the score of neuron i is |act(g̃_i, ũ_i)| (|silu(g̃)·ũ| for SwiGLU), and the
-top round(density·n) scores are computed exactly. DESIGN.md §4 and benchmarks/predictors.py measured
+top round(density·n) scores are computed exactly. benchmarks/predictors.py measured
 that SmolLM2's gate/up are far from low rank (SVD and low-rank-MLP predictors fail), while int8/int4
 shadows track the oracle.
 
@@ -15,9 +15,9 @@ low-bit GEMV that reads the packed bytes once is the runtime's job).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from offload.models.common import linear
 from offload.predict.base import LayerPredictor
 from offload.predict.quant import dequantize, quantize
 from offload.sparse import activation, ffn_weights, topk_count, topk_mask
@@ -60,7 +60,7 @@ class ShadowPredictor(LayerPredictor):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized()
         bias = None if self.gate_bias is None else torch.cat((self.gate_bias, self.up_bias))
-        g, u = linear(x.float(), w, bias).split(self.n, dim=-1)
+        g, u = F.linear(x.float(), w, bias).split(self.n, dim=-1)
         return activation(self.kind, g, u).abs()
 
     def default_mask(self, x: torch.Tensor) -> torch.Tensor:

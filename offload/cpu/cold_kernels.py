@@ -11,13 +11,14 @@ their contribution into a per-thread partial output ``acc`` [b, d]:
 for ``relu_fc``: fc1 row, fc2 column), so one neuron is one contiguous 48 KiB read at d = 4096
 and every byte is read exactly once per call (rows stay in L1/L2 across the b tokens).
 
-The kernel is serial and releases the GIL; :mod:`offload.cold.ffn` splits ``idx`` across its own
-blocking helper threads (``pool="team"``). Only CPU-only decode uses ``parallel=True``/``prange``
-(:func:`cold_parallel`, ``pool="numba"``): numba's OpenMP layer busy-waits ~12 ms of CPU after
-every parallel region (measured here), which on a 2-core machine would steal a core from the thread
-driving the GPU after every layer, but costs nothing when the CPU does all the work.
+The kernel is serial and releases the GIL; :mod:`offload.cpu.cold` splits ``idx`` across its own
+blocking helper threads (offload.cpu.team, ``pool="team"``). Only CPU-only decode uses
+``parallel=True``/``prange`` (:func:`cold_parallel`, ``pool="numba"``): numba's OpenMP layer busy-waits
+~12 ms of CPU after every parallel region (measured here), which on a 2-core machine would steal a core
+from the thread driving the GPU after every layer, but costs nothing when the CPU does all the work.
 
-Weights are float32, or uint16 holding fp16 bits (:func:`as_f32` widens them in registers).
+Weights are float32, or uint16 holding fp16 bits (offload.cpu.widen.as_f32 widens them in registers).
+Activation codes are models.ffn_kind.FFNKind codes.
 
 ReLU kinds skip reads that cannot contribute: ``relu`` reads the up row and down column only
 when some token has gate > 0, ``drelu`` likewise and skips the down column when relu(up) is 0
@@ -32,13 +33,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from llvmlite import ir
 
-# activation codes; must match offload.cold.ffn.KINDS order
-SWIGLU, RELU, DRELU, RELU_FC = 0, 1, 2, 3
+from offload.cpu.widen import as_f32
+from offload.models.ffn_kind import FFNKind
+
+SWIGLU, RELU, DRELU, RELU_FC = (k.code for k in FFNKind)
 # cold_chunk prefetches up to this many bytes of each row of the next active neuron
 PREFETCH_ROW_BYTES = 2048
 # per-thread status words in ctl[2 + tid]
@@ -46,7 +49,7 @@ NOT_STARTED, WORKING, FINISHED = 0, 1, 2
 
 
 @intrinsic
-def _fetch_add(typingctx, arr, i, v):
+def fetch_add(typingctx, arr, i, v):
     """Atomic (seq_cst) ``old = arr[i]; arr[i] += v; return old`` on an int64 array."""
     if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
         return None
@@ -58,20 +61,6 @@ def _fetch_add(typingctx, arr, i, v):
         return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
 
     return sig, codegen
-
-
-@intrinsic
-def as_f32(typingctx, v):
-    """float32 of a weight element: uint16 holds fp16 bits (widened exactly), float32 passes through."""
-    if v == types.uint16:
-        def codegen(context, builder, sig, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-        return types.float32(types.uint16), codegen
-    if v == types.float32:
-        def codegen(context, builder, sig, args):
-            return args[0]
-        return types.float32(types.float32), codegen
-    return None
 
 
 def _element_pointer_and_prefetch(context, builder, arr_type, arr, start):
@@ -92,7 +81,7 @@ def _prefetch_args(ptr):
 
 
 @intrinsic
-def _prefetch_bytes(typingctx, arr, start, nbytes):
+def prefetch_bytes(typingctx, arr, start, nbytes):
     """Ask the cache for ``nbytes`` of ``arr``'s data from flat element ``start`` on (one prefetch
     per 64-byte line; never faults). Rows picked by a sparse index defeat the hardware prefetcher,
     so the kernels request the next row themselves."""
@@ -105,21 +94,6 @@ def _prefetch_bytes(typingctx, arr, start, nbytes):
         step = ir.Constant(args[2].type, 64)
         with cgutils.for_range_slice(builder, ir.Constant(args[2].type, 0), args[2], step) as (off, _):
             builder.call(fn, _prefetch_args(builder.gep(base, [off])))
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _prefetch_line(typingctx, arr, start):
-    """Ask the cache for the 64-byte line holding flat element ``start`` of ``arr`` (never faults)."""
-    if not isinstance(arr, types.Array):
-        return None
-    sig = types.void(arr, types.intp)
-
-    def codegen(context, builder, sig, args):
-        ptr, fn = _element_pointer_and_prefetch(context, builder, sig.args[0], args[0], args[1])
-        builder.call(fn, _prefetch_args(ptr))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -274,7 +248,7 @@ def cold_chunk(W, x, idx, lo, hi, kind, bias, acc, h):
             nxt = idx[p + 1]
             if 0 <= nxt < n:
                 for r in range(m):
-                    _prefetch_bytes(W, (nxt * m + r) * d, ahead)
+                    prefetch_bytes(W, (nxt * m + r) * d, ahead)
         hq = h[npend]
         live = False
         if kind == SWIGLU:
@@ -328,14 +302,14 @@ def cold_run(W, x, idx, ctl, tid, block, kind, bias, acc, h):
     Other arguments as :func:`cold_chunk`. Returns the number of out-of-range indices met.
     """
     k = idx.shape[0]
-    _fetch_add(ctl, 2 + tid, WORKING)
+    fetch_add(ctl, 2 + tid, WORKING)
     bad = 0
     while True:
-        lo = _fetch_add(ctl, 0, block)
+        lo = fetch_add(ctl, 0, block)
         if lo >= k:
             break
         bad += cold_chunk(W, x, idx, lo, min(lo + block, k), kind, bias, acc, h)
-    _fetch_add(ctl, 2 + tid, FINISHED - WORKING)
+    fetch_add(ctl, 2 + tid, FINISHED - WORKING)
     return bad
 
 

@@ -1,4 +1,5 @@
-"""The numba one-token decode ops (offload.cpu_ops) against the torch paths they replace."""
+"""The numba one-token decode ops (offload.cpu.attention, offload.cpu.ffn_block) against the torch paths
+they replace (models.common, models.ffn_kind)."""
 from __future__ import annotations
 
 import subprocess
@@ -7,10 +8,19 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from offload.cpu_ops import attend_one, attention_block, gated_ffn_block, rms_norm_row
+from offload.cpu.attention import attend_one, attention_block, rms_norm_row
+from offload.cpu.ffn_block import gated_ffn_block
+from offload.cpu.pool import start_pool
 from offload.models.common import KVCache, RMSNorm, apply_rope, cached_attention, rope_inv_freq, rope_tables
+from offload.models.ffn_kind import FFNKind, activation
+
+pytestmark = pytest.mark.usefixtures("numba_pool")
+
+
+@pytest.fixture(scope="module")
+def numba_pool():
+    start_pool()  # the kernels below may reach a parallel region
 
 
 @pytest.mark.parametrize("d", [1, 64, 577])
@@ -82,29 +92,37 @@ def test_attention_block_matches_torch_path(bias, fp16):
     np.testing.assert_allclose(v_got, v_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", [0, 1, 2])  # SwiGLU, ReLU, dReLU
+@pytest.mark.parametrize("kind", [FFNKind.SWIGLU, FFNKind.RELU, FFNKind.DRELU])
 @pytest.mark.parametrize("fp16", [False, True])
 def test_gated_ffn_block_matches_torch(kind, fp16):
     d, n = 40, 70
-    g = torch.Generator().manual_seed(kind + 3 * int(fp16))
+    g = torch.Generator().manual_seed(kind.code + 3 * int(fp16))
     wgu, wd = torch.randn(2 * n, d, generator=g) * 0.2, torch.randn(d, n, generator=g) * 0.2
     if fp16:
         wgu, wd = wgu.half(), wd.half()
     x, norm_w = torch.randn(d, generator=g), torch.rand(d, generator=g) + 0.5
     xn = x * torch.rsqrt(x.pow(2).mean() + 1e-5) * norm_w
     gate, up = (wgu.float() @ xn).split(n)
-    act = {0: F.silu(gate) * up, 1: F.relu(gate) * up, 2: F.relu(gate) * F.relu(up)}[kind]
-    expected = x + wd.float() @ act
+    expected = x + wd.float() @ activation(kind, gate, up)
     view = (lambda w: w.numpy().view(np.uint16)) if fp16 else (lambda w: w.numpy())
     out = np.empty(d, np.float32)
-    gated_ffn_block(x.numpy(), norm_w.numpy(), 1e-5, view(wgu), view(wd), kind, 2, out)
+    gated_ffn_block(x.numpy(), norm_w.numpy(), 1e-5, view(wgu), view(wd), n, kind.code, 2, out)
     torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_compiled_callers_of_parallel_kernels_work_in_a_fresh_process():
-    """attention_block / gated_ffn_block call a parallel kernel from compiled code, which does not start
-    numba's pool; before the pool was started on import, the first such call in a process (the fp32
-    `offload generate`) segfaulted."""
-    code = "from offload import cpu_ops; cpu_ops.warmup(); print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+def test_cpu_engine_in_a_fresh_process(tiny_checkpoint):
+    """A fresh process that loads a model for CPU decode and generates (no pool started by anyone else):
+    compiled code reaching a parallel kernel before numba's pool existed used to crash it."""
+    code = ("import sys, torch\n"
+            "from offload.checkpoint import open_checkpoint\n"
+            "from offload.cpu.decode import fuse_decode_blocks\n"
+            "from offload.formats import apply_weight_format\n"
+            "from offload.generation import SamplingConfig, generate\n"
+            "from offload.loading import build_model\n"
+            "m = build_model(open_checkpoint(sys.argv[1]), progress=False)\n"
+            "fuse_decode_blocks(apply_weight_format(m, 'float16', 2))\n"
+            "ids, _ = generate(m, torch.tensor([[1, 2, 3]]), SamplingConfig(max_new_tokens=4), max_context=64)\n"
+            "print(ids.shape[1])")
+    proc = subprocess.run([sys.executable, "-c", code, tiny_checkpoint("llama")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "7", (proc.returncode, proc.stderr[-2000:])

@@ -17,7 +17,7 @@ read of ``m·d·4`` bytes (48 KiB at d = 4096) and the whole sparse FFN is a sin
 active bytes. Dense prefill (:meth:`ColdFFN.forward_dense`) runs BLAS on strided views of the same
 array (no second copy of the weights).
 
-Sparse kernel: a fused gather-dot in numba (:mod:`offload.cold._numba`, ``nogil``): per active
+Sparse kernel: a fused gather-dot in numba (:mod:`offload.cpu.cold_kernels`, ``nogil``): per active
 neuron, gate and up dot products for all tokens in one pass over the two rows, the activation,
 then the down column added into a per-thread partial output (four live neurons at a time). Calls
 of at least ``2 * MIN_BYTES_PER_THREAD`` bytes run on the calling thread plus ``threads - 1``
@@ -57,26 +57,23 @@ and the compiled single pass reaches dense bandwidth. Final kernel against dense
 Three interactions seen on 2 cores: OpenBLAS's idle workers busy-wait ~65 ms after each BLAS call
 (a sparse call right after a large matvec gets one core: ratio 0.58-0.80 with ``--settle 0``),
 numba's OpenMP pool does the same for ~12 ms (hence no ``prange``), and the scheduler's wake-up
-placement of the helper thread (see :class:`_Team`: without the fix, small calls after an idle
+placement of the helper thread (see offload.cpu.team.Team: without the fix, small calls after an idle
 gap ran at 20-22 GB/s instead of 27-30).
 
 Batch: b = 8 at 10 % density on one thread took 15.6 ms with a dot product per token; running
 four tokens per pass and gate/up fused (loads per FMA 1.5 -> 0.75) brought it to 6.9 ms (b = 1:
 2.9 ms).
-
-If numba is not installed the blocked NumPy path (``backend="numpy"``) is used: correct, ~5x
-slower.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import threading
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
-KINDS = ("swiglu", "relu", "drelu", "relu_fc")  # index = kernel code in _numba
+from offload.cpu import cold_kernels
+from offload.cpu.pool import default_threads
+from offload.cpu.team import team
+from offload.models.ffn_kind import FFNKind
 
 # the sparse call is split over threads only when each gets at least this many bytes of rows
 MIN_BYTES_PER_THREAD = 512 * 1024
@@ -84,242 +81,6 @@ MIN_BYTES_PER_THREAD = 512 * 1024
 MIN_BYTES_PER_THREAD_SPINNING = 64 * 1024
 # split calls hand out work in blocks of about this many bytes of rows
 BLOCK_BYTES = 192 * 1024
-# keep helper threads off the CPU the calling thread is on (see _Team)
-PLACE_HELPERS = True
-
-_numba = None  # offload.cold._numba, imported on first use (numba's import costs ~0.7 s)
-
-
-def _load_numba():
-    global _numba
-    if _numba is None:
-        from . import _numba as mod
-
-        mod.warmup()  # ~7 s the first time on this machine, ~1 s from numba's cache
-        _numba = mod
-    return _numba
-
-
-__all__ = ["KINDS", "ColdFFN", "reference_forward", "numba_available"]
-
-
-def numba_available() -> bool:
-    """Whether numba is installed (without importing it)."""
-    return importlib.util.find_spec("numba") is not None
-
-
-def _default_threads() -> int:
-    try:
-        ncpu = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        ncpu = os.cpu_count() or 1
-    return max(1, min(ncpu, 8))
-
-
-# ---------------------------------------------------------------------------------------------
-# reference: plain dense NumPy on the gathered rows (float64), obviously right
-
-
-def reference_forward(x, idx, gate, up, down, act: str = "swiglu", bias=None) -> np.ndarray:
-    """``sum_{i in idx} down[:, i] * act_i(x)`` in float64, returned as float32.
-
-    Same argument conventions as :class:`ColdFFN` (HF shapes; ``up=None`` and ``bias=b1`` for
-    relu_fc). Only for tests and checks: it copies every gathered row.
-    """
-    if act not in KINDS:
-        raise ValueError(f"unknown activation {act!r}; expected one of {KINDS}")
-    x = np.asarray(x, dtype=np.float64)
-    idx = np.asarray(idx, dtype=np.intp).reshape(-1)
-    g = x @ np.asarray(gate, np.float64)[idx].T  # [..., k]
-    if act == "relu_fc":
-        h = np.maximum(g + np.asarray(bias, np.float64)[idx], 0.0)
-    else:
-        u = x @ np.asarray(up, np.float64)[idx].T
-        if act == "swiglu":
-            h = g / (1.0 + np.exp(-g)) * u
-        elif act == "relu":
-            h = np.maximum(g, 0.0) * u
-        else:
-            h = np.maximum(g, 0.0) * np.maximum(u, 0.0)
-    return (h @ np.asarray(down, np.float64)[:, idx].T).astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# fork-join over blocking helper threads
-
-
-class _Helper:
-    """One daemon thread that runs one job at a time; handoff through two plain locks (the
-    cheapest wake-up CPython has; nothing spins while idle)."""
-
-    def __init__(self, name: str):
-        self._go = threading.Lock()
-        self._go.acquire()
-        self._done = threading.Lock()
-        self._done.acquire()
-        self._job = None
-        self._ret = None
-        self._err: Optional[BaseException] = None
-        self._pending = False  # started and not joined yet
-        t = threading.Thread(target=self._loop, name=name, daemon=True)
-        t.start()
-        self.tid = t.native_id  # kernel thread id, for sched_setaffinity
-
-    def _loop(self):
-        while True:
-            self._go.acquire()
-            fn, args = self._job
-            self._job = None
-            try:
-                self._ret = fn(*args)
-            except BaseException as e:  # handed to the caller in join()
-                self._err = e
-            del fn, args
-            self._done.release()
-
-    def start(self, fn, args):
-        if self._pending:  # a job the caller did not need to wait for; long finished, normally
-            self.join()
-        self._job = (fn, args)
-        self._pending = True
-        self._go.release()
-
-    def join(self):
-        # Never leave a running job behind unless told it cannot matter (see _Team.run). A
-        # KeyboardInterrupt arriving here is held until the helper finishes (milliseconds).
-        interrupt = None
-        while True:
-            try:
-                self._done.acquire()
-                break
-            except BaseException as e:
-                interrupt = e
-        self._pending = False
-        err, self._err = self._err, None
-        ret, self._ret = self._ret, None
-        if interrupt is not None:
-            raise interrupt
-        if err is not None:
-            raise err
-        return ret
-
-
-def _sched_getcpu():
-    """Returns a function giving the CPU the calling thread runs on, or None if unavailable."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    try:
-        import ctypes
-
-        f = ctypes.CDLL(None, use_errno=True).sched_getcpu
-    except (OSError, AttributeError):
-        return None
-    f.restype = ctypes.c_int
-    f.argtypes = []
-    return f if f() >= 0 else None
-
-
-class _Team:
-    """Fork-join: ``fn(*args_list[0])`` runs inline, ``fn(*args_list[j])`` on helper j-1.
-
-    ``run`` returns the list of results (re-raises the first exception). ``idle(j)``, checked
-    after the inline part, may say that helper j never started and can no longer affect the
-    result; such a helper is not waited for (it is joined before its next job instead), so a
-    helper that is slow to wake costs the caller nothing.
-
-    Placement: left alone, Linux woke the helper onto the caller's own CPU here (2-vCPU VM):
-    the helper preempted the caller and did the whole job while the other CPU idled, so calls of
-    a few ms ran at one core's bandwidth (22 GB/s instead of 30-32 at 550-1100 neurons of
-    4096 x 11008). Before each dispatch the helpers' affinity is therefore set to the allowed
-    CPUs minus the one the caller is on (a syscall only when that CPU changes). The caller
-    itself is never pinned; a helper whose CPU is busy just claims fewer blocks.
-    """
-
-    def __init__(self, threads: int):
-        self.threads = threads
-        self._lock = threading.Lock()
-        self._helpers = [_Helper(f"offload-cold-{j}") for j in range(1, threads)]
-        self._getcpu = _sched_getcpu()
-        try:
-            self._cpus = frozenset(os.sched_getaffinity(0)) if self._getcpu else frozenset()
-        except OSError:
-            self._cpus = frozenset()
-        self._avoid = None  # the caller CPU the helpers were last moved off
-
-    def _place_helpers(self):
-        if not PLACE_HELPERS:
-            if self._avoid is not None:  # switched off: give the helpers every CPU back
-                self._avoid = None
-                for h in self._helpers:
-                    os.sched_setaffinity(h.tid, self._cpus)
-            return
-        cpu = self._getcpu()
-        if cpu == self._avoid or cpu not in self._cpus:
-            return
-        others = self._cpus - {cpu}
-        try:
-            for h in self._helpers:
-                os.sched_setaffinity(h.tid, others)
-        except OSError:  # affinity changed under us, or not permitted: stop trying
-            self._cpus = frozenset()
-            return
-        self._avoid = cpu
-
-    def run(self, fn, args_list: Sequence[tuple], idle=None) -> list:
-        if len(args_list) > self.threads:
-            raise ValueError("more chunks than threads")
-        with self._lock:
-            if len(self._cpus) > 1:
-                self._place_helpers()
-            used = self._helpers[: len(args_list) - 1]
-            for h, args in zip(used, args_list[1:]):
-                h.start(fn, args)
-            ok = False
-            try:
-                rets = [fn(*args_list[0])]
-                ok = True
-            finally:
-                err = None
-                for j, h in enumerate(used, 1):  # join every helper that may matter
-                    if ok and idle is not None and idle(j):
-                        rets.append(None)
-                        continue
-                    try:
-                        r = h.join()
-                    except BaseException as e:
-                        err = err or e
-                        r = None
-                    if ok:
-                        rets.append(r)
-            if err is not None:
-                raise err
-            return rets
-
-
-_teams: dict[int, _Team] = {}
-_teams_lock = threading.Lock()
-
-
-def _forget_teams_after_fork():
-    # a forked child has none of the parent's helper threads: start fresh ones on demand
-    global _teams_lock
-    _teams.clear()
-    _teams_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_teams_after_fork)
-
-
-def _team(threads: int) -> _Team:
-    with _teams_lock:
-        t = _teams.get(threads)
-        if t is None:
-            t = _teams[threads] = _Team(threads)
-        return t
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class ColdFFN:
@@ -329,7 +90,7 @@ class ColdFFN:
         gate: [n, d] gate_proj rows (fc1 rows for ``relu_fc``).
         up: [n, d] up_proj rows, or ``None`` for ``relu_fc``.
         down: [d, n] down_proj columns (fc2 columns for ``relu_fc``).
-        act: one of :data:`KINDS`.
+        act: an FFNKind (or its name).
         bias: [n] fc1 bias, required for ``relu_fc`` and refused otherwise.
         threads: threads per call (the caller's plus helpers); default min(CPUs, 8).
         pool: ``"team"``: the caller plus helper threads that sleep between calls (nothing spins;
@@ -338,17 +99,14 @@ class ColdFFN:
             microseconds; for CPU-only decode, where nothing else wants the cores).
         dtype: storage of the bundled weights, ``np.float32`` or ``np.float16`` (half the bytes
             per active neuron; the kernel widens to fp32 in registers and accumulates in fp32).
-        backend: ``"numba"`` (fused kernel), ``"numpy"`` (blocked gather + BLAS, slow), or
-            ``"auto"`` (numba when installed).
 
     The weights are copied once into the bundled layout ``W[n, m, d]`` (``dtype``); the arguments
     can be freed afterwards. Indices given to :meth:`forward` are local (0..n-1).
     """
 
     def __init__(self, gate, up, down, *, act: str = "swiglu", bias=None,
-                 threads: Optional[int] = None, backend: str = "auto", dtype=np.float32, pool: str = "team"):
-        if act not in KINDS:
-            raise ValueError(f"unknown activation {act!r}; expected one of {KINDS}")
+                 threads: Optional[int] = None, dtype=np.float32, pool: str = "team"):
+        act = FFNKind.of(act)
         gate = np.asarray(gate)
         down = np.asarray(down)
         if gate.ndim != 2:
@@ -356,7 +114,7 @@ class ColdFFN:
         n, d = gate.shape
         if down.shape != (d, n):
             raise ValueError(f"down must be [d, n] = {(d, n)}, got {down.shape}")
-        if act == "relu_fc":
+        if not act.gated:
             if up is not None:
                 raise ValueError("relu_fc takes fc1 as gate, fc2 as down and up=None")
             m = 2
@@ -374,13 +132,11 @@ class ColdFFN:
         if m == 3:
             W[:, 1] = up
         W[:, m - 1] = down.T
-        self._setup(W, act, bias, threads, backend, pool)
+        self._setup(W, act, bias, threads, pool)
 
-    def _setup(self, W, act, bias, threads, backend, pool="team"):
-        if act not in KINDS:
-            raise ValueError(f"unknown activation {act!r}; expected one of {KINDS}")
+    def _setup(self, W, act: FFNKind, bias, threads, pool="team"):
         n, m, d = W.shape
-        if act == "relu_fc":
+        if not act.gated:
             if bias is None:
                 raise ValueError("relu_fc needs bias (the fc1 bias b1, shape [n])")
             bias = np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
@@ -391,39 +147,31 @@ class ColdFFN:
         if pool not in ("team", "numba"):
             raise ValueError(f"pool must be 'team' or 'numba', got {pool!r}")
         self.pool = pool
-        if backend == "auto":
-            backend = "numba" if numba_available() else "numpy"
-        if backend not in ("numba", "numpy"):
-            raise ValueError(f"backend must be 'auto', 'numba' or 'numpy', got {backend!r}")
         if W.dtype not in (np.float32, np.float16):
             raise ValueError(f"bundled weights must be float32 or float16, got {W.dtype}")
-        if backend == "numba":
-            _load_numba()
-            if W.dtype == np.float16:
-                _numba.warmup(np.uint16)
-        self.backend = backend
         self.act = act
-        self._code = KINDS.index(act)
+        self.code = act.code
         self.n, self.d, self.m = n, d, m
-        self.threads = int(threads) if threads else _default_threads()
+        self.threads = int(threads) if threads else default_threads()
         if self.threads < 1:
             raise ValueError("threads must be >= 1")
         self.W = W
-        self._Wk = W.view(np.uint16) if W.dtype == np.float16 else W  # what the kernels read
+        self.operand = W.view(np.uint16) if W.dtype == np.float16 else W  # what the kernels read
         self.bias = bias if bias is not None else np.zeros(0, np.float32)
 
     @classmethod
     def from_bundled(cls, W, *, act: str = "swiglu", bias=None, threads: Optional[int] = None,
-                     backend: str = "auto", pool: str = "team") -> "ColdFFN":
+                     pool: str = "team") -> "ColdFFN":
         """Wrap an already bundled ``W[n, m, d]`` (``self.W`` of another instance, or loaded
         from a file); no copy when it is float32 or float16 and C-contiguous."""
         W = np.asarray(W)
         W = np.ascontiguousarray(W, dtype=W.dtype if W.dtype in (np.float16, np.float32) else np.float32)
-        m = 2 if act == "relu_fc" else 3
+        act = FFNKind.of(act)
+        m = 3 if act.gated else 2
         if W.ndim != 3 or W.shape[1] != m:
-            raise ValueError(f"bundled weights for {act} must be [n, {m}, d], got {W.shape}")
+            raise ValueError(f"bundled weights for {act.value} must be [n, {m}, d], got {W.shape}")
         self = cls.__new__(cls)
-        self._setup(W, act, bias, threads, backend, pool)
+        self._setup(W, act, bias, threads, pool)
         return self
 
     # views in HF shapes (no copies)
@@ -448,8 +196,8 @@ class ColdFFN:
         return self.W.nbytes + self.bias.nbytes
 
     def __repr__(self):
-        return (f"ColdFFN(act={self.act!r}, n={self.n}, d={self.d}, dtype={self.W.dtype}, "
-                f"threads={self.threads}, backend={self.backend!r}, {self.nbytes / 2**20:.1f} MiB)")
+        return (f"ColdFFN(act={self.act.value!r}, n={self.n}, d={self.d}, dtype={self.W.dtype}, "
+                f"threads={self.threads}, pool={self.pool!r}, {self.nbytes / 2**20:.1f} MiB)")
 
     # -----------------------------------------------------------------------------------------
 
@@ -477,12 +225,8 @@ class ColdFFN:
             idx = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
         if idx.shape[0] == 0:
             out = np.zeros((x2.shape[0], self.d), np.float32)
-        elif self.backend == "numba":
-            out = self._forward_numba(x2, idx)
         else:
-            if idx.view(np.uint64).max() >= self.n:  # negatives wrap to huge unsigned values
-                raise IndexError(f"neuron index out of range [0, {self.n})")
-            out = self._forward_numpy(x2, idx)
+            out = self._forward_numba(x2, idx)
         return out[0] if vec else out
 
     __call__ = forward
@@ -495,9 +239,9 @@ class ColdFFN:
         nt = max(1, min(self.threads, nbytes // per_thread))
         parts = np.zeros((nt, b, d), np.float32)
         scratch = np.empty((nt, 5, b), np.float32)
-        W, bias, code = self._Wk, self.bias, self._code
+        W, bias, code = self.operand, self.bias, self.code
         if nt == 1:
-            bad = _numba.cold_chunk(W, x2, idx, 0, k, code, bias, parts[0], scratch[0])
+            bad = cold_kernels.cold_chunk(W, x2, idx, 0, k, code, bias, parts[0], scratch[0])
             if bad:
                 raise IndexError(f"{bad} neuron indices out of range [0, {self.n})")
             return parts[0]
@@ -505,14 +249,14 @@ class ColdFFN:
         block = max(1, BLOCK_BYTES // self.bytes_per_neuron)
         ctl = np.zeros(2 + nt, np.int64)
         if self.pool == "numba":
-            bad = _numba.cold_parallel(W, x2, idx, ctl, block, code, bias, parts, scratch)
+            bad = cold_kernels.cold_parallel(W, x2, idx, ctl, block, code, bias, parts, scratch)
             if bad:
                 raise IndexError(f"{bad} neuron indices out of range [0, {self.n})")
             return parts.sum(0)
-        rets = _team(nt).run(
-            _numba.cold_run,
+        rets = team(nt).run(
+            cold_kernels.cold_run,
             [(W, x2, idx, ctl, j, block, code, bias, parts[j], scratch[j]) for j in range(nt)],
-            idle=lambda j: ctl[2 + j] == _numba.NOT_STARTED)
+            idle=lambda j: ctl[2 + j] == cold_kernels.NOT_STARTED)
         bad = sum(r for r in rets if r)
         if bad:
             raise IndexError(f"{bad} neuron indices out of range [0, {self.n})")
@@ -522,34 +266,16 @@ class ColdFFN:
                 out += parts[j]
         return out
 
-    def _forward_numpy(self, x2, idx, block: int = 32):
-        # blocked gather into a small buffer + BLAS per block (the fallback; see module table)
-        b, d = x2.shape
-        m = self.m
-        out = np.zeros((b, d), np.float32)
-        buf = np.empty((min(block, idx.shape[0]), m, d), np.float32)  # fp16 rows are widened here
-        xt = x2.T
-        for s in range(0, idx.shape[0], block):
-            bi = idx[s:s + block]
-            blk = buf[: bi.shape[0]]
-            if self.W.dtype == np.float32:
-                np.take(self.W, bi, axis=0, out=blk)
-            else:
-                blk[...] = self.W[bi]
-            h = self._act(blk[:, 0] @ xt, (blk[:, 1] @ xt) if m == 3 else None,
-                          self.bias[bi] if m == 2 else None)  # [kb, b]
-            out += h.T @ blk[:, m - 1]
-        return out
-
     def _act(self, g, u, bias):
-        if self.act == "swiglu":
+        """h from g [k, t] and u (NumPy, for forward_dense): models.ffn_kind.activation's maths."""
+        if self.act is FFNKind.SWIGLU:
             with np.errstate(over="ignore"):
                 return g / (1.0 + np.exp(-g)) * u
-        if self.act == "relu":
+        if self.act is FFNKind.RELU:
             return np.maximum(g, 0.0) * u
-        if self.act == "drelu":
+        if self.act is FFNKind.DRELU:
             return np.maximum(g, 0.0) * np.maximum(u, 0.0)
-        return np.maximum(g + bias[:, None], 0.0)  # g [k, b], bias [k]
+        return np.maximum(g + bias, 0.0)
 
     def forward_dense(self, x) -> np.ndarray:
         """All neurons, BLAS (prefill): x [t, d] or [d] -> float32 [t, d] / [d]."""
@@ -561,9 +287,6 @@ class ColdFFN:
         m = self.m
         W = self.W if self.W.dtype == np.float32 else self.W.astype(np.float32)  # a copy per prompt
         g = x2 @ W[:, 0].T  # [t, n]
-        if m == 3:
-            h = self._act(g, x2 @ W[:, 1].T, None)
-        else:
-            h = np.maximum(g + self.bias, 0.0)
+        h = self._act(g, x2 @ W[:, 1].T if m == 3 else None, self.bias)
         out = h @ W[:, m - 1]  # [t, d]
         return out[0] if vec else out

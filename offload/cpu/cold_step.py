@@ -4,24 +4,23 @@ and the cold kernel, on numba's pool.
 The separate path (Int4Shadow.scores → topk_indices → ColdFFN.forward) makes three numba calls and
 a dozen NumPy/torch conversions and checks per layer: measured ~75 µs of a 310 µs SmolLM2 layer
 (2.3 ms of a 21 ms token). Here the predictor's prepared arrays and the bundled cold weights are
-passed once per call; the parts are the same kernels (offload.lowbit's ``_i4_shadow_parallel`` and
-``_topk_union``, offload.cold._numba's ``cold_parallel``, each parallel one launched on numba's pool
-from this serial function), so results equal the separate path's.
+passed once per call; the parts are the same kernels (offload.cpu.shadow's ``i4_shadow_parallel``,
+offload.cpu.topk's ``topk_union``, offload.cpu.cold_kernels' ``cold_parallel``, each parallel one
+launched on numba's pool from this serial function), so results equal the separate path's.
 
 Used by HybridFFN when every neuron is cold, the device is the CPU, one token is decoded, the
-selector is an int4 shadow and the cold kernel runs on numba's pool (offload.hybrid).
+selector is an int4 shadow and the cold kernel runs on numba's pool (offload.hybrid). The pool must
+be started (offload.cpu.pool.start_pool) before the first call.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from offload.cold._numba import cold_parallel
-from offload.cpu_ops import rms_norm_row
-from offload.half import pool_threads
-from offload.lowbit import _i4_shadow_parallel, _topk_union
-
-pool_threads()  # start numba's pool: shadow_topk_cold calls parallel kernels from compiled code
+from offload.cpu.attention import rms_norm_row
+from offload.cpu.cold_kernels import cold_parallel
+from offload.cpu.shadow import i4_shadow_parallel
+from offload.cpu.topk import topk_union
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -43,8 +42,8 @@ def shadow_topk_cold(x, norm_w, eps, SW, SB, skind, n, k, W, block, kind, bias, 
     else:
         xn = x
     scores = np.empty((1, n), np.float32)
-    _i4_shadow_parallel(xn, SW, SB, skind, min(nt, SW.shape[0]), scores)
-    idx = _topk_union(scores, k)
+    i4_shadow_parallel(xn, SW, SB, skind, min(nt, SW.shape[0]), scores)
+    idx = topk_union(scores, k)
     bad = cold_parallel(W, xn, idx, np.zeros(2 + nt, np.int64), block, kind, bias, parts, scratch)
     out = parts[0, 0].copy()
     for t in range(1, nt):

@@ -1,0 +1,92 @@
+"""Top-k neuron selection for the predictors: each token's k largest scores, as the sorted union over a
+batch (numba; a radix select, O(n) per row)."""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+
+@njit(nogil=True, cache=True)
+def topk_row(s, k, mask, keys, cand, hist):
+    """mask[i] |= s[i] is among the k largest of s (1 <= k < n; ties at the k-th value: lowest
+    indices first). Radix select on the float bits mapped to order-preserving uint32 keys: a
+    histogram of the top 11 bits over all n, then 11 and 10 bits over the candidates left."""
+    n = s.shape[0]
+    bits = s.view(np.uint32)
+    hist[:] = 0
+    for i in range(n):
+        v = bits[i]
+        key = ~v if v & np.uint32(0x80000000) else v | np.uint32(0x80000000)
+        keys[i] = key
+        hist[key >> np.uint32(21)] += 1
+    need = k
+    j = 2047
+    while hist[j] < need:
+        need -= hist[j]
+        j -= 1
+    prefix = np.uint32(j) << np.uint32(21)
+    m = 0
+    for i in range(n):
+        if keys[i] >> np.uint32(21) == np.uint32(j):
+            cand[m] = keys[i]
+            m += 1
+    for shift, nb in ((10, 2048), (0, 1024)):
+        hist[:nb] = 0
+        for i in range(m):
+            hist[(cand[i] >> np.uint32(shift)) & np.uint32(nb - 1)] += 1
+        j = nb - 1
+        while hist[j] < need:
+            need -= hist[j]
+            j -= 1
+        prefix |= np.uint32(j) << np.uint32(shift)
+        m2 = 0
+        for i in range(m):
+            if (cand[i] >> np.uint32(shift)) & np.uint32(nb - 1) == np.uint32(j):
+                cand[m2] = cand[i]
+                m2 += 1
+        m = m2
+    for i in range(n):  # prefix is now the k-th largest key
+        key = keys[i]
+        if key > prefix:
+            mask[i] = True
+        elif key == prefix and need > 0:
+            mask[i] = True
+            need -= 1
+
+
+@njit(nogil=True, cache=True)
+def topk_union(s, k):
+    b, n = s.shape
+    mask = np.zeros(n, np.bool_)
+    keys = np.empty(n, np.uint32)
+    cand = np.empty(n, np.uint32)
+    hist = np.empty(2048, np.int64)
+    for t in range(b):
+        topk_row(s[t], k, mask, keys, cand, hist)
+    return np.flatnonzero(mask).astype(np.int64)
+
+
+def topk_indices(scores, k: int) -> np.ndarray:
+    """Sorted int64 union over the batch of each row's k largest scores ([n] or [b, n] scores).
+
+    A radix select in numba (O(n) per row, three passes over the row) and a mask for the union.
+    Against np.argpartition per row + np.sort/np.unique, alternating in one process at k = n/2 (noisy
+    machine): n = 1536: 25 vs 42 µs (b = 1), 87 vs 480 µs (b = 8); n = 11008: 54 vs 103 µs,
+    0.70 vs 3.2 ms. Ties at the k-th value take the lowest indices; scores are compared as float32
+    (NaN above +inf, -0.0 below +0.0). k <= 0 gives no index, k >= n all of them."""
+    s = _np(scores)
+    if s.ndim == 1:
+        s = s[None, :]
+    if s.ndim != 2:
+        raise ValueError(f"scores must be [n] or [b, n], got shape {s.shape}")
+    n = s.shape[1]
+    k = int(k)
+    if k <= 0 or n == 0 or s.shape[0] == 0:
+        return np.empty(0, np.int64)
+    if k >= n:
+        return np.arange(n, dtype=np.int64)
+    return topk_union(np.ascontiguousarray(s, dtype=np.float32), k)

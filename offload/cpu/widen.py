@@ -1,0 +1,25 @@
+"""Element access shared by the CPU kernels: 16-bit weights widened to fp32 in registers.
+
+numba has no float16 type, so fp16 weights reach the kernels as their uint16 bits and :func:`as_f32`
+widens them (an LLVM ``fpext half → float``: F16C ``vcvtph2ps``, vectorized with the loop around it);
+the same kernel compiled for float32 arrays reads them unchanged.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def as_f32(typingctx, v):
+    """float32 of a weight element: uint16 holds fp16 bits (widened exactly), float32 passes through."""
+    if v == types.uint16:
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(types.uint16), codegen
+    if v == types.float32:
+        def codegen(context, builder, sig, args):
+            return args[0]
+        return types.float32(types.float32), codegen
+    return None
