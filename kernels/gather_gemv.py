@@ -46,6 +46,7 @@ import triton.language as tl
 import triton.testing
 
 from offload.models.ffn_kind import FFNKind
+from offload.models.ffn_kind import activation as ffn_activation
 
 from .launch import (BACKENDS, MAX_BATCH, check_float, check_idx, check_last_dim_contiguous, check_no_grad,
                      check_same_device, check_tensor, check_token_rows, device_guard, interpreter_active,
@@ -274,18 +275,12 @@ def gather_gemv_reference(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,
     g = xf @ w1.index_select(0, rows).float().T
     if b1 is not None:
         g = g + b1.index_select(0, rows).float()
-    if activation == "relu_fc":
-        h = torch.relu(g)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if FFNKind(activation).gated:
+        h = ffn_activation(activation, g, xf @ w2.index_select(0, rows).float().T)
     else:
-        u = xf @ w2.index_select(0, rows).float().T
-        if activation == "swiglu":
-            h = torch.nn.functional.silu(g) * u
-        elif activation == "relu":
-            h = torch.relu(g) * u
-        elif activation == "drelu":
-            h = torch.relu(g) * torch.relu(u)
-        else:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        h = ffn_activation(activation, None, g)
     return torch.where(valid, h, 0.0)
 
 

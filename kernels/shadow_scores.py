@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from offload.models.ffn_kind import activation as ffn_activation
+
 from .gather_gemv import autotune_bench
 from .launch import (BACKENDS, check_float, check_last_dim_contiguous, check_no_grad, check_same_device, check_tensor,
                      check_token_rows, device_guard, require_triton_device, resolve_backend, use_fixed_config)
@@ -350,13 +352,10 @@ def _dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, d: int) -> torc
 
 
 def _activation_score(g: torch.Tensor, u: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "swiglu":
-        return (torch.nn.functional.silu(g) * u).abs()
-    if kind == "relu":
-        return (torch.relu(g) * u).abs()
-    if kind == "drelu":
-        return torch.relu(g) * torch.relu(u)
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    """|h| (h itself for drelu, never negative): models.ffn_kind.activation, the reference of every kernel."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return ffn_activation(kind, g, u).abs()
 
 
 def _bias(v):

@@ -25,6 +25,7 @@ from helpers import case_result, interpreter_worker_results, report_interpreter_
 
 from offload.kernels import gather_gemv as gg_mod
 from offload.kernels import sparse_down as sd_mod
+from offload.models.ffn_kind import activation as activation_of
 from offload.kernels.gather_gemv import (
     ACTIVATIONS,
     gather_gemv,
@@ -207,14 +208,7 @@ def test_reference_matches_dense_ffn(activation):
     x, w1, w2, w3t, b1 = make_ffn(3, torch.float32)
     kw = act_args(activation, w2, b1)
     g = F.linear(x, w1, kw["b1"])
-    if activation == "swiglu":
-        h = F.silu(g) * F.linear(x, w2)
-    elif activation == "relu":
-        h = F.relu(g) * F.linear(x, w2)
-    elif activation == "drelu":
-        h = F.relu(g) * F.relu(F.linear(x, w2))
-    else:
-        h = F.relu(g)
+    h = activation_of(activation, g, F.linear(x, w2)) if activation != "relu_fc" else activation_of(activation, None, g)
     y = F.linear(h, w3t.T)  # down_proj.weight = w3t.T
     idx = make_idx("all")
     torch.testing.assert_close(gather_gemv_reference(x, w1, idx, **kw), h)

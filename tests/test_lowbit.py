@@ -23,6 +23,7 @@ from offload.cpu import lowbit_ir
 from offload.cpu import shadow as lowbit
 from offload.cpu.shadow import Int4Matrix, Int4Shadow, Int8Shadow
 from offload.cpu.topk import topk_indices
+from offload.models.ffn_kind import activation
 from offload.predict.quant import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
 SHAPES = [(37, 72), (130, 576), (9, 40)]  # (n, d): neither a multiple of 8 rows nor of 32 columns
@@ -63,11 +64,7 @@ def quantize_x(x: torch.Tensor, qmax: int):
 
 
 def score(kind, g, u):
-    if kind == "swiglu":
-        return (F.silu(g) * u).abs()
-    if kind == "relu":
-        return (F.relu(g) * u).abs()
-    return F.relu(g) * F.relu(u)
+    return activation(kind, g, u).abs()
 
 
 def ref_scores(kind, x, wg, wu, bg=None, bu=None):

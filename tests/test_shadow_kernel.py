@@ -23,6 +23,7 @@ from helpers import case_result, interpreter_worker_results, report_interpreter_
 
 from offload.kernels import shadow_scores as ss_mod
 from offload.kernels.gather_gemv import interpreter_active
+from offload.models.ffn_kind import activation
 from offload.kernels.shadow_scores import (
     KINDS,
     shadow_scores_int4,
@@ -146,7 +147,7 @@ def test_references_match_quant_dequantize(bits, kind):
         wg, wu = dequantize_int8(qg, sg), dequantize_int8(qu, su)
         got = shadow_scores_int8_reference(x, qg, sg, qu, su, bg, bu, kind)
     g, u = F.linear(x, wg, bg), F.linear(x, wu, bu)
-    want = {"swiglu": (F.silu(g) * u).abs(), "relu": (F.relu(g) * u).abs(), "drelu": F.relu(g) * F.relu(u)}[kind]
+    want = activation(kind, g, u).abs()
     torch.testing.assert_close(got, want)
 
 
