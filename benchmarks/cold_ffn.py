@@ -68,7 +68,8 @@ if args is not None:
 
 import numpy as np  # noqa: E402
 
-from offload.cold import ColdFFN, ColdWorker  # noqa: E402
+from offload.cpu.cold import ColdFFN  # noqa: E402
+from offload.cpu.worker import ColdWorker  # noqa: E402
 
 
 def _silu(g):

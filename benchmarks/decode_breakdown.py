@@ -53,26 +53,24 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from offload import OffloadedModel, cpu_ops, half, hybrid
-    from offload.cold import fused
+    from offload import OffloadedModel, hybrid
+    from offload.cpu import cold_step, decode
+    from offload.formats import cpu as cpu_formats
     from offload.models import common, llama
 
     m = OffloadedModel.from_pretrained(device="cpu", weights=args.weights, progress=False,
-                                       gpu_memory=None if args.dense else 0)
+                                       gpu_memory=None if args.dense else 0, threads=args.threads)
     from baselines import PROMPT  # benchmarks/ is on sys.path
 
     ids = m.chat_ids(PROMPT)
-    targets = [(cpu_ops, "attention_block", "numba attention_block: norm, qkv, attention, o, residual"),
-               (cpu_ops, "attend_one", "numba attend_one: RoPE, cache write, attention"),
-               (cpu_ops, "rms_norm_row", "numba rms_norm_row"),
-               (cpu_ops, "gated_ffn_block", "numba gated_ffn_block: norm, gate/up, act, down, residual"),
-               (fused, "shadow_topk_cold", "numba shadow_topk_cold: norm, int4 scores, top-k, cold kernel, residual"),
-               (half, "gemv", "numba fp16 GEMV (the head; dense: every matrix)"),
-               (llama.Attention, "decode_block", "Attention.decode_block (Python, incl.)"),
-               (llama.Attention, "forward", "Attention.forward (Python, incl.)"),
-               (hybrid.HybridFFN, "forward", "HybridFFN.forward (Python, incl.)"),
-               (hybrid.HybridFFN, "decode_block", "HybridFFN.decode_block (Python, incl.)"),
-               (llama.GatedFFN, "decode_block", "GatedFFN.decode_block (Python, incl.)"),
+    # functions are patched where they are looked up (the module that calls them)
+    targets = [(decode, "attention_block", "numba attention_block: norm, qkv, attention, o, residual"),
+               (decode, "gated_ffn_block", "numba gated_ffn_block: norm, gate/up, act, down, residual"),
+               (cold_step, "shadow_topk_cold", "numba shadow_topk_cold: norm, int4 scores, top-k, cold kernel, residual"),
+               (cpu_formats, "matvec_into", "numba GEMV from a CpuLinear (the head; prompts' other paths)"),
+               (decode.FusedAttention, "residual", "FusedAttention.residual (Python, incl.)"),
+               (decode.FusedGatedFFN, "residual", "FusedGatedFFN.residual (Python, incl.)"),
+               (hybrid.HybridFFN, "residual", "HybridFFN.residual (Python, incl.)"),
                (common.RMSNorm, "forward", "RMSNorm.forward (Python, incl.)"),
                (llama.LlamaModel, "forward", "LlamaModel.forward: a whole step")]
     with torch.inference_mode():

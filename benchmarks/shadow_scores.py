@@ -1,4 +1,4 @@
-"""Shadow-predictor scoring on the CPU: packed int4/int8 kernels (offload.lowbit) vs the dense fp32
+"""Shadow-predictor scoring on the CPU: packed int4/int8 kernels (offload.cpu.shadow) vs the dense fp32
 gate+up GEMV they replace, same run.
 
     python benchmarks/shadow_scores.py                    # SmolLM2 (1536 x 576) and 7B (11008 x 4096), b=1
@@ -23,7 +23,7 @@ Methods:
   torch fp32        torch.mv(W_gu, x) (torch.matmul for b > 1)
   reference         offload.predict.shadow.ShadowPredictor.scores: fp32 dequantized copy (cached
                     after the first call) + F.linear + |silu(g)·u|, i.e. dense fp32 bytes
-  int4 / int8       offload.lowbit.Int4Shadow / Int8Shadow .scores (packed bytes, scores out)
+  int4 / int8       offload.cpu.shadow.Int4Shadow / Int8Shadow .scores (packed bytes, scores out)
 
 Results (AMD EPYC Zen 3 VM, 2 cores, 32 MB L3, AVX2; two other jobs kept both cores ~94 % busy
 during the run, so absolute times are noisy by ±30 % run to run and the 2-thread rows are
@@ -113,7 +113,8 @@ if args is not None:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from offload import lowbit  # noqa: E402
+from offload.cpu import shadow as lowbit  # noqa: E402
+from offload.cpu.topk import topk_indices  # noqa: E402
 from offload.predict.quant import quantize_int4, quantize_int8  # noqa: E402
 
 
@@ -306,13 +307,13 @@ def run_shape(n: int, d: int, a) -> dict:
 
 
 def topk_time(n: int, a) -> float:
-    """Median µs of lowbit.topk_indices(scores [b, n], k = n/2)."""
+    """Median µs of topk_indices(scores [b, n], k = n/2)."""
     s = np.abs(np.random.default_rng(2).standard_normal((a.batch, n)).astype(np.float32))
-    lowbit.topk_indices(s, n // 2)
+    topk_indices(s, n // 2)
     ts = []
     for _ in range(200):
         t0 = time.perf_counter()
-        lowbit.topk_indices(s, n // 2)
+        topk_indices(s, n // 2)
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts)) * 1e6
 

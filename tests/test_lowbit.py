@@ -17,7 +17,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from offload.cpu import lowbit_ir
 from offload.cpu import shadow as lowbit
