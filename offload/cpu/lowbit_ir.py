@@ -6,6 +6,29 @@ into scalar or gather code (0.4–1.1 GB/s); the IR calls the AVX2 ``vpmaddubsw`
 dot products on x86 with AVX2 and the same maths in generic IR elsewhere (correct, ~4× slower), so its
 speed does not depend on what the vectorizer decides.
 
+How the int4 kernels compute (x quantized to int8 per group of 32 by offload.cpu.shadow.quantize_x):
+
+* Inner product per group in integers, exactly: ``vpmaddubsw`` (u8 nibble × s8 x, pairs → i16), the
+  8 partial i16 vectors of a group summed in i16 (|sum| ≤ 8·2·15·127 = 30480, no overflow, no
+  saturation), ``vpmaddwd`` by 1 → i32, minus 8·Σxq (the nibble offset), then one int→fp32
+  conversion and one FMA by (weight scale × x scale) per group. int8: ``vpmaddwd`` of sign-extended
+  weights with int16 x, i32 per group, one FMA per group, the row scale once at the end.
+* Lanes over rows, not along the row: the prepared layout stores a block of 8 rows × 32 columns (one
+  group) as 128 contiguous bytes followed by the block's 8 fp16 scales (144 bytes = 0.5625 B per
+  weight, the size of the packed input: the prepared copy replaces it). A 32-byte chunk holds 4
+  columns of each of the 8 rows in its low nibbles and 4 others in its high nibbles, so one
+  ``vpmaddubsw`` with a broadcast of 4 x bytes gives partial sums whose lane m belongs to row m:
+  no horizontal reductions, the 8 results of a block come out as one vector, and the per-group
+  scales of the 8 rows are one 16-byte load + ``vcvtph2ps``. For the shadow, the gate and the up
+  group of the same 8 neurons are adjacent ([pair, group, gate | up, 144 B]): the whole layer is
+  one sequential stream, read with a software prefetch 4 KB ahead (SmolLM2's streamed layer went
+  from ~125 µs with gate and up as two streams to ~70 µs). The activation (a vectorized exp) and
+  |·| run in registers and 8 scores are stored: no g̃/ũ arrays in memory.
+* The kernels are written as LLVM vector IR through numba ``@intrinsic`` (offload.cpu.lowbit_ir), because
+  numba's auto-vectorizer turned every plain-Python formulation of the nibble unpacking into
+  scalar or gather code (0.4–1.1 GB/s, see "tried" below). On x86 with AVX2 the IR calls the
+  ``vpmaddubsw``/``vpmaddwd`` intrinsics; elsewhere the same maths in generic IR (correct, ~4× slower).
+
 Tried and rejected (fp32 int4 gate+up at 11008 × 4096 unless stated, one thread):
 * numba loops over the packed bytes (per-group inner loop of 16 bytes, float or int arithmetic,
   2-D, 3-D or flat indexing): LLVM vectorized across groups with gathers or fell back to int64

@@ -28,26 +28,8 @@ How it computes (int4):
   tokens, top-k at density 0.5): recall of the oracle top-k 0.9368 with fp32 x, 0.9365 with int8 x
   (int16 x: 0.9368). The int4 weights' own error dwarfs it. For int8 *weights* int8 x did cost
   (0.9938 → 0.9910), so Int8Shadow quantizes x to int16 (exact to ~1e-5): 0.9938.
-* Inner product per group in integers, exactly: ``vpmaddubsw`` (u8 nibble × s8 x, pairs → i16), the
-  8 partial i16 vectors of a group summed in i16 (|sum| ≤ 8·2·15·127 = 30480, no overflow, no
-  saturation), ``vpmaddwd`` by 1 → i32, minus 8·Σxq (the nibble offset), then one int→fp32
-  conversion and one FMA by (weight scale × x scale) per group. int8: ``vpmaddwd`` of sign-extended
-  weights with int16 x, i32 per group, one FMA per group, the row scale once at the end.
-* Lanes over rows, not along the row: the prepared layout stores a block of 8 rows × 32 columns (one
-  group) as 128 contiguous bytes followed by the block's 8 fp16 scales (144 bytes = 0.5625 B per
-  weight, the size of the packed input: the prepared copy replaces it). A 32-byte chunk holds 4
-  columns of each of the 8 rows in its low nibbles and 4 others in its high nibbles, so one
-  ``vpmaddubsw`` with a broadcast of 4 x bytes gives partial sums whose lane m belongs to row m:
-  no horizontal reductions, the 8 results of a block come out as one vector, and the per-group
-  scales of the 8 rows are one 16-byte load + ``vcvtph2ps``. For the shadow, the gate and the up
-  group of the same 8 neurons are adjacent ([pair, group, gate | up, 144 B]): the whole layer is
-  one sequential stream, read with a software prefetch 4 KB ahead (SmolLM2's streamed layer went
-  from ~125 µs with gate and up as two streams to ~70 µs). The activation (a vectorized exp) and
-  |·| run in registers and 8 scores are stored: no g̃/ũ arrays in memory.
-* The kernels are written as LLVM vector IR through numba ``@intrinsic`` (offload.cpu.lowbit_ir), because
-  numba's auto-vectorizer turned every plain-Python formulation of the nibble unpacking into
-  scalar or gather code (0.4–1.1 GB/s, see "tried" below). On x86 with AVX2 the IR calls the
-  ``vpmaddubsw``/``vpmaddwd`` intrinsics; elsewhere the same maths in generic IR (correct, ~4× slower).
+* The integer arithmetic and the prepared layout (lanes over rows, 144 bytes per 8-row block and
+  group) are described in offload.cpu.lowbit_ir, which holds the vector code.
 * Batches: tokens are processed 1–4 at a time per block (the weights of a block are unpacked once
   and stay in registers / L1 for the others); blocks outer, so the matrix streams from DRAM once
   per call whatever b is.
