@@ -21,7 +21,6 @@ from offload.cpu.pool import check_threads, start_pool
 from offload.errors import BudgetError, GenerationError
 from offload.generation import GenerationStats, SamplingConfig, as_tuple, generate
 from offload.loading import build_model
-from offload.models.common import Linear
 from offload.units import parse_memory_size
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -145,7 +144,7 @@ class OffloadedModel:
         ``dtype``). ``threads``: CPU threads for the decode kernels (default: every CPU this process may
         use; on a machine shared with other busy processes ``threads=1`` keeps decode steady)."""
         from offload.cpu.decode import fuse_decode_blocks, warm_up
-        from offload.formats import apply_weight_format, check_weight_format
+        from offload.formats import apply_weight_format, check_weight_format, store_ffn_weights_fp16
 
         device = torch.device(device if device is not None else "cpu")
         if gpu_memory in (0, "0") and device.type == "cpu":
@@ -172,10 +171,7 @@ class OffloadedModel:
             apply_weight_format(net, weights, start_pool(threads))
             fuse_decode_blocks(net)
         elif weights == "float16":  # the cold rows the CPU will hold: fp16 (the hybrid keeps their dtype)
-            for layer in net.layers:
-                for lin in layer.mlp.modules():
-                    if isinstance(lin, Linear):
-                        lin.weight.data = lin.weight.data.half()
+            store_ffn_weights_fp16(net)
         m = cls(net, load_tokenizer(ckpt), ckpt, device=torch.device("cpu"), gpu_memory=budget, threads=threads)
         if budget is None:
             warm_up(net)

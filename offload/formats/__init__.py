@@ -55,6 +55,17 @@ def apply_weight_format(model: nn.Module, weights: str, threads: int) -> nn.Modu
     return model
 
 
+def store_ffn_weights_fp16(model: nn.Module) -> nn.Module:
+    """Round every FFN weight matrix of a dense torch model to fp16 in place (torch Linears stay): before
+    a GPU placement, so that the cold rows the CPU keeps are fp16 (offload.hybrid keeps their dtype) while
+    the device side takes its own dtype. Returns the model."""
+    for layer in model.layers:
+        for module in layer.mlp.modules():
+            if isinstance(module, Linear):
+                module.weight = nn.Parameter(module.weight.detach().half(), requires_grad=False)
+    return model
+
+
 def set_threads(model: nn.Module, threads: int) -> None:
     """Run every CPU storage module of ``model`` on ``threads`` threads."""
     for module in model.modules():
@@ -63,4 +74,4 @@ def set_threads(model: nn.Module, threads: int) -> None:
 
 
 __all__ = ["WEIGHT_FORMATS", "CpuLinear", "Float16Linear", "Float32Linear", "apply_weight_format",
-           "check_weight_format", "set_threads"]
+           "check_weight_format", "set_threads", "store_ffn_weights_fp16"]
