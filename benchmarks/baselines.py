@@ -1,8 +1,8 @@
 """The baselines a user would otherwise run, each as (load, pp, tg) callables for benchmarks/decode.py
 and benchmarks/sweep.py.
 
-* transformers dense: AutoModelForCausalLM from the GGUF, fp32 on the CPU (fp16 on the GPU when the
-  whole model fits the budget).
+* transformers dense: AutoModelForCausalLM from the GGUF or HF directory, fp32 on the CPU, fp16 on the
+  GPU (the whole model there, whatever the budget: the reference the budgeted engines are read against).
 * accelerate ``device_map="auto"`` with ``max_memory={0: budget, "cpu": ...}`` (CUDA only).
 * llama.cpp through llama-cpp-python on the same GGUF (optional: skipped when not importable), with
   ``n_gpu_layers`` from the same layer-split policy on a GPU.
@@ -13,12 +13,61 @@ first new token (the first comes from the prompt forward), EOS ignored.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 
 import torch
 
 PROMPT = "Write a short story about a robot who learns to paint."  # the chat prompt every decode run uses
+
+
+class DevicePeak:
+    """The most CUDA memory each engine holds while it runs, with several engines loaded at once:
+    ``built(name)`` after loading an engine takes the bytes allocated since the previous call as its
+    own (resident); ``run(name, fn, *args)`` returns fn(*args) and keeps, in ``peak[name]``, its
+    resident bytes plus the most the run allocated on top of what was held when it started. Without
+    CUDA it only calls fn and ``peak`` stays empty."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.resident, self.peak = cuda, {}, {}
+        self.rebase()
+
+    def rebase(self) -> None:
+        """Count from here (after engines were freed)."""
+        self.mark = torch.cuda.memory_allocated() if self.cuda else 0
+
+    def built(self, name: str) -> None:
+        if self.cuda:
+            now = torch.cuda.memory_allocated()
+            self.resident[name], self.mark = now - self.mark, now
+
+    def run(self, name: str, fn, *args):
+        if not self.cuda:
+            return fn(*args)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn(*args)
+        torch.cuda.synchronize()
+        used = torch.cuda.max_memory_allocated() - base + self.resident.get(name, 0)
+        self.peak[name] = max(self.peak.get(name, 0), used)
+        return out
+
+
+def add_prepare_options(ap) -> None:
+    """--profile-tokens / --tune-tokens: passed to offload.prepare.prepare (None: its defaults). Every
+    script that shares a model's cached artifacts must pass the same values, or prepare rebuilds them."""
+    ap.add_argument("--profile-tokens", type=int, default=None,
+                    help="calibration tokens prepare profiles (default: prepare's, 16384)")
+    ap.add_argument("--tune-tokens", type=int, default=None,
+                    help="validation tokens for prepare's operating-point search (default: prepare's, 2048)")
+
+
+def prepare_options(args) -> dict:
+    """The keywords for prepare() from add_prepare_options' arguments."""
+    return {k: v for k, v in (("profile_tokens", args.profile_tokens), ("tune_tokens", args.tune_tokens))
+            if v is not None}
 
 
 def offload_rates(m, ids, new_tokens):
@@ -42,20 +91,23 @@ def hf_rates(model, ids, new_tokens):
     return (new_tokens - 1) / (total - prefill), ids.shape[1] / prefill
 
 
-def load_transformers(path: str, device: str = "cpu", dtype=torch.float32):
+def _from_pretrained(path: str, **kw):
+    """AutoModelForCausalLM from a .gguf file (dequantized) or an HF directory (e.g. one made by
+    benchmarks/random_llama.py)."""
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=path, dtype=dtype).eval()
-    return m.to(device)
+    if path.endswith(".gguf"):
+        return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=path, **kw).eval()
+    return AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+
+
+def load_transformers(path: str, device: str = "cpu", dtype=torch.float32):
+    return _from_pretrained(path, dtype=dtype).to(device)
 
 
 def load_accelerate(path: str, budget: int):
     """transformers + accelerate's device_map="auto" under ``budget`` bytes on GPU 0 (fp16)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=path, dtype=torch.float16, device_map="auto",
-        max_memory={0: int(budget), "cpu": 10**12}).eval()
+    return _from_pretrained(path, dtype=torch.float16, device_map="auto", max_memory={0: int(budget), "cpu": 10**12})
 
 
 def transformers_pp(model, ids) -> float:
@@ -71,12 +123,9 @@ def transformers_tg(model, ids, n) -> float:
     return hf_rates(model, ids.to(model.device), n)[0]
 
 
-def llama_cpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def importable(module: str) -> bool:
+    """Whether ``module`` (an optional baseline: llama_cpp, accelerate) is installed."""
+    return importlib.util.find_spec(module) is not None
 
 
 class LlamaCpp:

@@ -2,27 +2,33 @@
 accelerate, printed as a table and drawn as a PNG.
 
     python benchmarks/sweep.py [--model PATH] [--device cuda|cpu] [--fractions 0.3,0.5,0.7,0.9,1.1]
-                               [--tg 64] [--reps 2] [--context 1024] [--plot sweep.png] [-o md|json]
+                               [--tg 64] [--reps 2] [--context 1024] [--plot sweep.png] [--weights float16]
+                               [--profile-tokens N] [--tune-tokens N] [-o md|json]
 
 Budgets are fractions of the model's size at the device dtype (fp16 on CUDA) plus its KV cache for
 ``--context`` tokens, as offload.place.memory accounts it. At each budget, one process, repetitions
 alternating:
 
 * ``offload hybrid``  OffloadedModel.offload(budget, device): hot neurons on the device, cold on the CPU
-  (skipped at budgets below the non-FFN part, which the hybrid keeps on the device)
+  (skipped at budgets below the non-FFN part, which the hybrid keeps on the device); the cold rows in
+  fp32, or fp16 with ``--weights float16`` (``from_pretrained(weights="float16")``)
 * ``layer-split``     offload.layer_split: whole layers on the device, the rest dense on the CPU
-* ``accelerate``      transformers with device_map="auto", max_memory={0: budget} (CUDA only; GGUF models)
+* ``accelerate``      transformers with device_map="auto", max_memory={0: budget} (CUDA only)
 
 MODEL: a .gguf file (default: the embedded SmolLM2-135M-Instruct) or an HF directory, e.g. one made by
 benchmarks/random_llama.py (a random-weight LLaMA larger than the budget). With ``--device cpu`` (no GPU)
 the "device" is the CPU too: the script runs end to end, but its figures say nothing about GPUs (the
-layer split then equals dense, and the hybrid's hot side runs on CPU torch).
+layer split then equals dense, and the hybrid's hot side runs on CPU torch). On CUDA the table has
+the most device memory each engine held during its runs (baselines.DevicePeak) next to the budget.
+``--profile-tokens`` / ``--tune-tokens`` go to ``prepare``, as in benchmarks/decode.py (give both scripts
+the same values and the second reuses the first's artifacts).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -68,13 +74,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--plot", default="sweep.png")
+    ap.add_argument("--weights", choices=("float32", "float16"), default="float32",
+                    help="storage of the hybrid's cold rows on the CPU (default float32)")
+    import baselines as bl  # benchmarks/ is on sys.path
+
+    bl.add_prepare_options(ap)
     ap.add_argument("-o", "--output", choices=("md", "json"), default="md")
     args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
-    import baselines as bl  # benchmarks/ is on sys.path
     from offload import OffloadedModel
     from offload.checkpoint import default_model_path
     from offload.errors import OffloadError
@@ -93,18 +103,21 @@ def main(argv=None) -> int:
             print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
     dense = OffloadedModel.from_pretrained(path, progress=False)
+    base = dense if args.weights == "float32" else OffloadedModel.from_pretrained(path, progress=False,
+                                                                                 weights=args.weights)
     layers = len(dense.model.layers)
-    prepared = prepare(dense, progress=args.output == "md")
+    prepared = prepare(dense, progress=args.output == "md", **bl.prepare_options(args))
     plan = plan_memory(dense.checkpoint.config, dtype=dtype, device=device, context=args.context,
                        predictor_bytes=prepared.predictors.nbytes // layers, shapes=dense.checkpoint.shapes)
     budgets = sweep_budgets(plan.fixed_bytes, plan.ffn_bytes, [float(f) for f in args.fractions.split(",")])
     ids = dense.chat_ids(bl.PROMPT)
-    is_gguf = path.endswith(".gguf")
     skipped = []
     if not cuda:
         skipped.append("accelerate: needs CUDA")
-    elif not is_gguf:
-        skipped.append("accelerate: this script loads it from GGUF files only")
+    elif not bl.importable("accelerate"):
+        skipped.append("accelerate: not installed (pip install accelerate)")
+    meter = bl.DevicePeak(cuda)
+    hybrid = "offload hybrid" + (" fp16" if args.weights == "float16" else "")
 
     def ours_tg(m):
         return bl.offload_rates(m, ids, args.tg)[0]
@@ -112,49 +125,65 @@ def main(argv=None) -> int:
     rows = []
     for budget in budgets:
         engines = {}
-        h = OffloadedModel(copy.deepcopy(dense.model), dense.tokenizer, dense.checkpoint, device=torch.device("cpu"))
+        meter.rebase()
+        h = OffloadedModel(copy.deepcopy(base.model), base.tokenizer, base.checkpoint, device=torch.device("cpu"))
         try:
             h.offload(budget, device=torch.device(device), hot_dtype=torch.float16 if cuda else None,
                       context=args.context, prepared=prepared, progress=False)
-            engines["offload hybrid"] = lambda m=h: ours_tg(m)
+            engines[hybrid] = lambda m=h: ours_tg(m)
         except OffloadError as e:  # below the non-FFN part: the hybrid does not fit at all
-            skipped.append(f"offload hybrid at {budget / 2**20:.0f} MiB: {e}")
+            skipped.append(f"{hybrid} at {budget / 2**20:.0f} MiB: {e}")
+        meter.built(hybrid)
         ls = OffloadedModel(copy.deepcopy(dense.model), dense.tokenizer, dense.checkpoint, device=torch.device("cpu"))
         split = apply_layer_split(ls.model, budget, device, context=args.context)
         engines["layer-split"] = lambda m=ls: ours_tg(m)
-        if cuda and is_gguf:
+        meter.built("layer-split")
+        if cuda and bl.importable("accelerate"):
             acc = bl.load_accelerate(path, budget)
             engines["accelerate"] = lambda m=acc: bl.transformers_tg(m, ids, args.tg)
+            meter.built("accelerate")
         runs = {k: [] for k in engines}
+        meter.peak.clear()
         with torch.inference_mode():
-            for f in engines.values():  # warm-up
-                f()
+            for k, f in engines.items():  # warm-up
+                meter.run(k, f)
             for _ in range(args.reps):
                 for k, f in engines.items():
-                    runs[k].append(f())
+                    runs[k].append(meter.run(k, f))
         for k, r in runs.items():
             rows.append({"engine": k, "budget_bytes": budget, "tokens_per_s_mean": statistics.mean(r),
-                         "tokens_per_s_sd": statistics.pstdev(r), "runs": r,
+                         "tokens_per_s_sd": statistics.pstdev(r), "runs": r, "peak_gpu_bytes": meter.peak.get(k),
                          "gpu_layers": split.gpu_layers if k == "layer-split" else None})
         log(f"budget {budget / 2**20:.0f} MiB: " + ", ".join(f"{k} {statistics.mean(r):.1f}" for k, r in runs.items()) +
             f" (layer-split: {split.gpu_layers}/{split.layers} layers)")
+        for m in (h, ls):  # stop the hybrid's cold-side threads so that its rows can be freed
+            worker = getattr(m.model, "hybrid_worker", None)
+            if worker is not None:
+                worker.close()
         del h, ls, engines
+        acc = None  # the accelerate model of this budget, if any
+        gc.collect()
         if cuda:
             torch.cuda.empty_cache()
 
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     where = torch.cuda.get_device_name() if cuda else "CPU only (the 'GPU' side is the CPU)"
-    title = f"{os.path.basename(path)} · {where} · tg{args.tg} · {date[:10]}"
-    plot_sweep(rows, args.plot, title)
+    title = f"{os.path.basename(os.path.normpath(path))} · {where} · tg{args.tg} · {date[:10]}"
+    try:
+        plot_sweep(rows, args.plot, title)
+    except ImportError as e:  # the table still stands
+        skipped.append(f"plot: {e} (pip install matplotlib)")
+        args.plot = None
     if args.output == "json":
         print(json.dumps({"model": path, "device": where, "date": date, "rows": rows, "skipped": skipped,
                           "plot": args.plot}, indent=1))
         return 0
-    print(f"\n{title}\n\n| budget | engine | decode t/s |\n|---|---|---|")
+    print(f"\n{title}\n\n| budget | engine | decode t/s | peak GPU |\n|---|---|---|---|")
     for r in rows:
         extra = f" ({r['gpu_layers']} layers)" if r["gpu_layers"] is not None else ""
+        peak = f"{r['peak_gpu_bytes'] / 2**20:.0f} MiB" if r["peak_gpu_bytes"] is not None else "—"
         print(f"| {r['budget_bytes'] / 2**20:.0f} MiB | {r['engine']}{extra} | {r['tokens_per_s_mean']:.1f} ± "
-              f"{r['tokens_per_s_sd']:.1f} |")
+              f"{r['tokens_per_s_sd']:.1f} | {peak} |")
     for s in skipped:
         print(f"\nskipped {s}")
     print(f"\nplot: {args.plot}")
