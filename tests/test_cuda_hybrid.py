@@ -1,6 +1,6 @@
 """The hybrid runtime on a real GPU: compiled Triton kernels on the hot side, equality with the dense
-model for a ReLU model (oracle selector), and peak device memory within the placement's budget.
-Skipped without CUDA."""
+model for a ReLU model (oracle selector), peak device memory within the placement's budget, and
+OffloadedModel.offload (shadow predictors, fp32 or fp16 cold rows) on CUDA. Skipped without CUDA."""
 from __future__ import annotations
 
 import copy
@@ -12,6 +12,8 @@ import torch
 from offload.checkpoint import open_checkpoint
 from offload.hybrid import apply_placement
 from offload.loading import build_model
+
+from test_api_hybrid import rand_ids, tiny_prepared  # noqa: F401  (a fixture: the tiny model, prepared)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -87,3 +89,31 @@ def test_fp16_hybrid_peak_memory_within_the_plan(tiny_checkpoint):
     planned = placement.total_bytes - plan.device_bytes["context_reserve"]
     assert used <= planned + 64 * 1024, (used, planned)
     dense.hybrid_worker.close()
+
+
+@pytest.mark.parametrize("weights", ["float32", "float16"])
+def test_offloaded_model_on_gpu_within_budget(tiny_prepared, weights):
+    """The user's path, OffloadedModel.offload on CUDA: int4 shadow scores and hot rows through the compiled
+    kernels, cold rows on the CPU (fp32, or fp16 as from_pretrained(weights="float16") stores them).
+    Both sides compute, and the peak allocated memory stays within the plan, the plan within the budget."""
+    from offload import OffloadedModel
+    from offload.half import store_weights_fp16
+
+    ckpt, prep = tiny_prepared
+    net = build_model(ckpt, progress=False)
+    if weights == "float16":
+        store_weights_fp16(net)
+    m = OffloadedModel(net, None, ckpt, device=torch.device("cpu"))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    budget = 300 * 2**20 + 140_000  # the CUDA context reserve, the ~108 KB fp16 non-FFN part, ~half the rows
+    m.offload(budget, device=torch.device("cuda"), context=64, prepared=prep, progress=False)
+    assert 0 < m.placement.share < 1 and m.placement.total_bytes <= budget
+    out = m.generate(rand_ids(6, 9)[None], max_new_tokens=5, eos_token_id=[])
+    assert out.shape == (1, 11)
+    s = m.hybrid_stats
+    assert s.active_hot > 0 and s.active_cold > 0
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= m.placement.total_bytes <= budget
+    m.model.hybrid_worker.close()
