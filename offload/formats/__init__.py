@@ -1,0 +1,1 @@
+"""Weight storage formats (NumPy)."""
