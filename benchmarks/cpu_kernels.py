@@ -38,7 +38,7 @@ from numba import njit, prange
 
 from offload.cpu import gemv as dense
 from offload.cpu import packed_gemv
-from offload.cpu.gemv import f16_to_f32
+from offload.cpu.widen import as_f32
 from offload.formats.gguf_blocks import random_rows
 from offload.formats.packed import pack_gguf
 
@@ -54,13 +54,13 @@ def plain_dense(W, x, y, lo, hi):
     for i in range(lo, hi):
         s = np.float32(0)
         for j in range(W.shape[1]):
-            s += f16_to_f32(W[i, j]) * x[j]
+            s += as_f32(W[i, j]) * x[j]
         y[i] = s
 
 
 @njit(nogil=True, fastmath=True, cache=True, inline="always")
 def fp16_at(b, k):
-    return f16_to_f32(np.uint16(b[k] | (np.uint16(b[k + 1]) << 8)))
+    return as_f32(np.uint16(b[k] | (np.uint16(b[k + 1]) << 8)))
 
 
 def block_rows(block_dot, block_bytes: int, block_weights: int):

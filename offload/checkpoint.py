@@ -28,6 +28,16 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 @dataclass
+class RawTensor:
+    """A quantized GGUF tensor as stored: data uint8 [rows, row_bytes] (in memory, not mapped),
+    ``qtype`` its gguf.GGMLQuantizationType, ``cols`` its columns (HF shape [rows, cols])."""
+
+    data: object  # np.ndarray, uint8
+    qtype: int
+    cols: int
+
+
+@dataclass
 class Checkpoint:
     """An opened checkpoint. ``get(name)`` returns the tensor stored under a HF name."""
 
@@ -38,6 +48,8 @@ class Checkpoint:
     get: Callable[[str], torch.Tensor] = field(repr=False)
     tokenizer_path: str = ""  # directory for AutoTokenizer
     gguf_file: str | None = None  # set for GGUF checkpoints (AutoTokenizer's gguf_file=)
+    # GGUF only: name → RawTensor of a quantized tensor (its bytes as stored), None for float tensors
+    raw: Callable[[str], "RawTensor | None"] | None = field(default=None, repr=False)
 
     @property
     def identity(self) -> str:

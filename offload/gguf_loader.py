@@ -93,9 +93,27 @@ def config_from_gguf(reader, path: str) -> dict:
     return config
 
 
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def read_tensor_bytes(path: str, tensor) -> np.ndarray:
+    """The stored bytes of a GGUFReader tensor, read from the file (not through the reader's memory map,
+    whose touched pages would stay in the process's resident memory), as uint8 [rows, row_bytes]."""
+    rows = int(np.prod(tensor.shape[1:])) if len(tensor.shape) > 1 else 1
+    buf = np.empty(int(tensor.n_bytes), np.uint8)
+    with open(path, "rb") as f:
+        f.seek(int(tensor.data_offset))
+        if f.readinto(memoryview(buf)) != buf.size:
+            raise CheckpointError(f"{path}: truncated: tensor {tensor.name!r} needs {buf.size} bytes at offset "
+                                  f"{tensor.data_offset}")
+    return buf.reshape(rows, -1)
+
+
 def open_gguf(path: str) -> Checkpoint:
     from gguf import GGUFReader
     from gguf.quants import dequantize
+
+    from offload.checkpoint import RawTensor
 
     try:
         reader = GGUFReader(path)
@@ -113,12 +131,24 @@ def open_gguf(path: str) -> Checkpoint:
 
     def get(name: str) -> torch.Tensor:
         t = by_hf[name]
-        w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shapes[name])
+        w = dequantize(read_tensor_bytes(path, t), t.tensor_type).astype(np.float32, copy=False).reshape(shapes[name])
         if name.endswith("q_proj.weight"):
             w = unpermute_qk(w, heads)
         elif name.endswith("k_proj.weight"):
             w = unpermute_qk(w, kv_heads)
         return torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # own, writable copy
 
+    def raw(name: str):
+        t = by_hf[name]
+        if t.tensor_type.name in FLOAT_TYPES or len(shapes[name]) != 2:
+            return None
+        data = read_tensor_bytes(path, t)
+        if name.endswith("q_proj.weight"):  # whole quantized rows move: lossless
+            data = unpermute_qk(data, heads)
+        elif name.endswith("k_proj.weight"):
+            data = unpermute_qk(data, kv_heads)
+        return RawTensor(np.ascontiguousarray(data), int(t.tensor_type), shapes[name][1])
+
     return Checkpoint(source=path, config=config, shapes=shapes, files={n: path for n in shapes}, get=get,
-                      tokenizer_path=os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+                      tokenizer_path=os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path),
+                      raw=raw)

@@ -8,7 +8,9 @@ from tqdm.auto import tqdm
 
 from offload.checkpoint import Checkpoint
 from offload.errors import CheckpointError
+from offload.formats.cpu import CpuLinear
 from offload.models import family_for
+from offload.models.common import Embedding, Linear
 
 
 def check_tensors(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], ignorable) -> None:
@@ -35,9 +37,15 @@ def set_parameter(model: nn.Module, path: str, value: torch.Tensor) -> None:
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                progress: bool = True) -> torch.nn.Module:
-    """The dense model for ``ckpt`` with its weights loaded, in ``dtype`` on ``device``: each parameter
-    from the checkpoint tensors its family names (``parameter_sources``), concatenated when several."""
+                progress: bool = True, weights: str | None = None, threads: int = 1) -> torch.nn.Module:
+    """The model for ``ckpt`` with its weights loaded: each parameter from the checkpoint tensors its
+    family names (``parameter_sources``), concatenated when several.
+
+    weights=None: the dense torch model in ``dtype`` on ``device`` (the reference). Otherwise a CPU model
+    whose weight matrices are stored in that format (offload.formats), built tensor by tensor: no fp32
+    copy of the whole model exists, and "auto" packs a GGUF's quantized tensors as stored."""
+    if weights is not None:
+        return _build_in_format(ckpt, weights, threads, progress)
     module, config_cls, model_cls = family_for(ckpt.config.get("model_type"))
     cfg = config_cls.from_hf(ckpt.config)
     expected = module.expected_tensors(cfg)
@@ -63,6 +71,65 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: st
     finally:
         bar.close()
     model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:  # a family's parameter_sources forgot a parameter: a bug in offload, not in the checkpoint
+        raise RuntimeError(f"parameters left unloaded: {left[:5]}")
+    model.eval()
+    return model
+
+
+def _build_in_format(ckpt: Checkpoint, weights: str, threads: int, progress: bool) -> torch.nn.Module:
+    from offload.formats import check_weight_format, embedding_for, linear_for, tied_head
+
+    check_weight_format(weights)
+    module, config_cls, model_cls = family_for(ckpt.config.get("model_type"))
+    cfg = config_cls.from_hf(ckpt.config)
+    expected = module.expected_tensors(cfg)
+    check_tensors(ckpt, expected, lambda n: module.ignorable_tensor(n, cfg))
+    model = model_cls(cfg, dtype=torch.float32, device="meta")
+    sources = model.parameter_sources()
+    bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress, leave=False)
+    use_raw = weights == "auto" and ckpt.raw is not None
+
+    def dense(names) -> torch.Tensor:
+        parts = [ckpt.get(n) for n in names]
+        for n, t in zip(names, parts):
+            if tuple(t.shape) != tuple(expected[n]):
+                raise CheckpointError(f"{ckpt.files.get(n, ckpt.source)}: tensor {n!r} read with shape "
+                                      f"{list(t.shape)}, expected {list(expected[n])}")
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def raw(names):
+        parts = [ckpt.raw(n) for n in names] if use_raw else [None]
+        return parts if all(p is not None for p in parts) else None
+
+    try:
+        with torch.no_grad():
+            for path, names in sources.items():
+                owner_path, _, attr = path.rpartition(".")
+                owner = model.get_submodule(owner_path) if owner_path else model
+                parent_path, _, child = owner_path.rpartition(".")
+                parent = model.get_submodule(parent_path) if parent_path else model
+                if isinstance(owner, Linear) and attr == "weight":
+                    parts = raw(names)
+                    bias = owner.bias  # still on "meta": set when its own source comes
+                    new = linear_for(weights, None if parts else dense(names), None, threads, raw_parts=parts)
+                    if bias is not None:
+                        new.set_bias(torch.zeros(new.out_features))
+                    setattr(parent, child, new)
+                elif isinstance(owner, CpuLinear) and attr == "bias":
+                    owner.set_bias(dense(names))
+                elif isinstance(owner, Embedding) and attr == "weight":
+                    parts = raw(names)
+                    table = embedding_for(weights, None if parts else dense(names), parts[0] if parts else None)
+                    setattr(parent, child, table)
+                else:
+                    set_parameter(model, path, dense(names).to(torch.float32).contiguous())
+                bar.update(len(names))
+    finally:
+        bar.close()
+    if cfg.tie_word_embeddings:
+        model.lm_head = tied_head(model.embed, weights, threads)
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:  # a family's parameter_sources forgot a parameter: a bug in offload, not in the checkpoint
         raise RuntimeError(f"parameters left unloaded: {left[:5]}")

@@ -1,1 +1,36 @@
-"""CPU kernels (numba)."""
+"""The CPU backend: numba kernels and the pool they run on.
+
+    pool.py         the thread pool (numba's), started once, explicitly; the thread count policy
+    matvec.py       y = W·x for one token whatever the storage format (dispatch on the operand's type)
+    gemv.py         fp32 / fp16 row-major GEMV          packed_gemv.py   packed quantized GEMV
+    attention.py    one-token RMSNorm, RoPE + attention, the attention half of a block
+    ffn_block.py    the FFN half of a block             decode.py        the fused-block module swaps
+    cold.py         the cold FFN over selected neurons (cold_kernels.py: its numba kernels)
+    cold_step.py    all-cold FFN step in one call       shadow.py, lowbit_ir.py, topk.py  predictor scores
+    team.py, worker.py  helper threads that sleep between calls (hybrid runs driving a GPU)
+
+Compiled code is cached on disk (numba ``cache=True``), under a folder named by a hash of this package's
+and offload.formats' sources: numba checks only the timestamp of the file that holds a function, not
+of the functions it calls from other files, so after an upgrade a cached kernel could run stale code
+(or fail to load a module that no longer exists). ``NUMBA_CACHE_DIR``, when set, is the parent folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+
+
+def _use_versioned_numba_cache() -> None:
+    from numba.core import config
+
+    from offload.cache import cache_root
+
+    here = pathlib.Path(__file__).parent
+    sources = sorted(here.glob("*.py")) + sorted((here.parent / "formats").glob("*.py"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(cache_root(), "numba")
+    config.CACHE_DIR = os.path.join(base, digest)
+
+
+_use_versioned_numba_cache()

@@ -2,7 +2,7 @@
 
     gemv(W, x, y, threads)      # y [R] float32 = W [R, C] · x [C] float32
 
-W is float32, or uint16 holding fp16 bits (numba has no float16 type; :func:`f16_to_f32` widens
+W is float32, or uint16 holding fp16 bits (numba has no float16 type; offload.cpu.widen.as_f32 widens
 them in registers, ``vcvtph2ps`` with F16C). Accumulation is fp32. Long rows go four per pass,
 sharing the loads of x; the loops are plain and LLVM vectorizes them (checked in
 tests/test_cpu_gemv.py for the host and for an AVX2 target).
@@ -14,25 +14,12 @@ a region, which hurts when another process holds a core); more run one ``prange`
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import intrinsic
-from llvmlite import ir
+from numba import njit, prange
+
+from offload.cpu.widen import as_f32
 
 # rows at least this long are computed four per pass (see gemv_rows)
 FOUR_ROWS_FROM = 2048
-
-
-@intrinsic
-def f16_to_f32(typingctx, v):
-    """float32 of a weight element: uint16 holds fp16 bits (widened exactly, ``fpext half→float``);
-    float32 passes through, so one kernel source serves both storages."""
-    if v == types.uint16:
-        def codegen(context, builder, sig, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-        return types.float32(types.uint16), codegen
-    if v == types.float32:
-        return types.float32(types.float32), lambda context, builder, sig, args: args[0]
-    return None
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -49,16 +36,16 @@ def gemv_rows(W, x, y, lo, hi):
         s0 = s1 = s2 = s3 = np.float32(0.0)
         for j in range(x.shape[0]):
             xj = x[j]
-            s0 += f16_to_f32(W[i, j]) * xj
-            s1 += f16_to_f32(W[i + 1, j]) * xj
-            s2 += f16_to_f32(W[i + 2, j]) * xj
-            s3 += f16_to_f32(W[i + 3, j]) * xj
+            s0 += as_f32(W[i, j]) * xj
+            s1 += as_f32(W[i + 1, j]) * xj
+            s2 += as_f32(W[i + 2, j]) * xj
+            s3 += as_f32(W[i + 3, j]) * xj
         y[i], y[i + 1], y[i + 2], y[i + 3] = s0, s1, s2, s3
         i += 4
     while i < hi:
         s = np.float32(0.0)
         for j in range(x.shape[0]):
-            s += f16_to_f32(W[i, j]) * x[j]
+            s += as_f32(W[i, j]) * x[j]
         y[i] = s
         i += 1
 

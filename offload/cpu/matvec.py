@@ -1,7 +1,8 @@
 """``matvec(W, x, y, threads)``: y = W·x for one token, whatever the weight's storage format.
 
 A storage format (offload.formats) hands the CPU kernels an *operand*: a float32 [n, d] array, a uint16
-[n, d] array (fp16 bits), or a packed quantized matrix. :func:`matvec` is a numba function overloaded on
+[n, d] array (fp16 bits), a packed quantized matrix (a named tuple of offload.formats.quantized), or a
+tuple of operands stacked by rows (fused q/k/v whose parts are stored in different formats). :func:`matvec` is a numba function overloaded on
 the operand's type, so the same call works from Python (:func:`matvec_into`) and from inside other
 compiled kernels (the fused decode blocks in offload.cpu.attention and offload.cpu.ffn_block), which
 are then compiled once per combination of formats.
@@ -12,10 +13,10 @@ at least MIN_BYTES_PER_THREAD (a hand-off costs a few µs: a 576×576 fp16 matri
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import literal_unroll, njit, types
 from numba.extending import overload
 
-from offload.cpu import dense_gemv
+from offload.cpu import gemv, packed_gemv
 
 MIN_BYTES_PER_THREAD = 128 * 1024
 
@@ -37,21 +38,54 @@ def _matvec_impl(W, x, y, threads):
         def impl(W, x, y, threads):
             parts = _parts(W.shape[0] * W.shape[1] * W.itemsize, threads)
             if parts == 1:
-                dense_gemv.rows(W, x, y)
+                gemv.gemv_rows(W, x, y, 0, W.shape[0])
             else:
-                dense_gemv.rows_parallel(W, x, y, parts)
+                gemv.gemv_rows_parallel(W, x, y, parts)
+        return impl
+    if isinstance(W, types.BaseNamedTuple) and W.instance_class.__name__ in _PACKED_MODES:
+        mode = _PACKED_MODES[W.instance_class.__name__]
+        _, parallel = packed_gemv.KERNELS[mode]
+
+        def impl(W, x, y, threads):
+            X, Y = x.reshape(1, x.shape[0]), y.reshape(1, y.shape[0])
+            T = W.planes.shape[0]
+            parts = min(T, _parts(W.planes.size, threads))
+            if parts <= 1:
+                packed_gemv.gemv_tiles(mode, W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, W.cols,
+                                       W.zero, X, Y, 0, T)
+            else:
+                parallel(W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, W.cols, W.zero, X, Y, parts)
+        return impl
+    if isinstance(W, types.BaseTuple) and not isinstance(W, types.BaseNamedTuple):
+        def impl(W, x, y, threads):  # parts stacked by rows, each in its own format
+            r0 = 0
+            for part in literal_unroll(W):
+                n = rows_of(part)
+                matvec(part, x, y[r0:r0 + n], threads)
+                r0 += n
         return impl
     return None
+
+
+def rows_of(W):
+    """Output rows of an operand (callable from numba code)."""
+    raise NotImplementedError
+
+
+@overload(rows_of, jit_options={"nogil": True, "cache": True})
+def _rows_of_impl(W):
+    if isinstance(W, types.Array):
+        return lambda W: W.shape[0]
+    if isinstance(W, types.BaseNamedTuple):
+        return lambda W: W.rows
+    return None
+
+
+# the packed operand classes (offload.formats.quantized) by name → the code width their kernel unpacks
+_PACKED_MODES = {"Packed4": 4, "Packed5": 5, "Packed6": 6, "Packed8": 8}
 
 
 @njit(nogil=True, cache=True)
 def matvec_into(W, x, y, threads):
     """y = W·x from Python: W an operand (see module docstring), x float32 [d], y float32 [n] (written)."""
     matvec(W, x, y, threads)
-
-
-def matvec_new(W, x: np.ndarray, threads: int) -> np.ndarray:
-    """A new float32 [n] array holding W·x."""
-    y = np.empty(W.shape[0], np.float32)
-    matvec_into(W, x, y, threads)
-    return y

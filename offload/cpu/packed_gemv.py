@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 from numba import literally, njit, prange
 
-from offload.cpu.gemv import f16_to_f32
+from offload.cpu.widen import as_f32
 from offload.formats.packed import PackedMatrix
 
 C16, C1_16 = np.float32(16.0), np.float32(1.0 / 16)
@@ -165,8 +165,8 @@ def add_group(d, m, sc, mc, flags, t, g, gd, p, acc, i, xs, zx):
     tm, gm = (t, gd) if flags & HAS_M else (0, 0)
     tc, gc = (t, g) if flags == HAS_SC | HAS_M else (0, 0)
     for r in range(acc.shape[1]):
-        acc[i, r] += (f16_to_f32(d[t, gd, r]) * np.float32(sc[ts, gs, r]) * (p[i, r] - zx)
-                      + f16_to_f32(m[tm, gm, r]) * np.float32(mc[tc, gc, r]) * xs)
+        acc[i, r] += (as_f32(d[t, gd, r]) * np.float32(sc[ts, gs, r]) * (p[i, r] - zx)
+                      + as_f32(m[tm, gm, r]) * np.float32(mc[tc, gc, r]) * xs)
 
 
 @njit(nogil=True, fastmath=True, cache=True)

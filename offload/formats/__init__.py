@@ -1,17 +1,27 @@
-"""How weight matrices are stored: one module per storage format, swapped for the dense
+"""How weight matrices are stored for CPU decode: one module per storage format, in place of the dense
 ``models.common.Linear`` modules of a model.
 
-The dense model (torch tensors, any device) is the reference. On the CPU, :func:`apply_weight_format`
-replaces every Linear with the module of a storage format (:mod:`offload.formats.cpu`): each owns its
-one-token path (a numba GEMV over its bytes, offload.cpu.matvec) and its many-token path (a dense matmul),
-and is tested against the Linear it replaced.
+The dense model (torch tensors, any device) is the reference. On the CPU every Linear becomes the module
+of a storage format: each owns its one-token path (a numba GEMV over its bytes, offload.cpu.matvec) and
+its many-token path (a dense matmul), and is tested against the Linear it replaces.
 
-    weights      stored as                                   one token reads
-    "float32"    fp32                                         4 bytes a weight
-    "float16"    fp16, widened to fp32 in registers (F16C)    2 bytes a weight
+    weights    stored as                                                       a token reads
+    "float32"  fp32                                                            4 bytes a weight
+    "float16"  fp16, widened to fp32 in registers (F16C)                       2
+    "int8"     8-bit codes, fp16 scale per group of 32 (round to nearest)      1.06
+    "int4"     4-bit codes, fp16 scale and min per group of 32                 0.625
+    "auto"     what the checkpoint stores: a GGUF's quantized tensors packed   as the file
+               as they are (Q4_0 … Q8_0, Q4_K, Q5_K, Q6_K, lossless), float
+               tensors fp16 when stored in 16 bits, else fp32
 
-A new format is a module here (with its kernel in offload/cpu/ and, for the GPU, in kernels/) and a line
-in :data:`WEIGHT_FORMATS`.
+"auto" is the default of ``OffloadedModel.from_pretrained`` on the CPU: it reads what the checkpoint
+stored, no more. "float32" reproduces transformers' fp32 numbers (the reference the tests use).
+
+Two ways in: :func:`apply_weight_format` converts a loaded dense model (any format but a GGUF's packed
+bytes), and offload.loading builds a model straight in a format, tensor by tensor (never an fp32 copy
+of the whole model; "auto" on a GGUF keeps the file's blocks). Both go through :func:`linear_for`.
+A new format is a module (here, with its kernel in offload/cpu/ and, for the GPU, in kernels/) and a
+branch of :func:`linear_for`.
 """
 from __future__ import annotations
 
@@ -19,10 +29,12 @@ import torch
 from torch import nn
 
 from offload.formats.cpu import CpuLinear, Float16Linear, Float32Linear
+from offload.formats.packed import pack_gguf, quantize, stack_rows
+from offload.formats.quantized import PackedEmbedding, PackedLinear
 from offload.models.common import Embedding, Linear
 
-WEIGHT_FORMATS = {"float32": Float32Linear, "float16": Float16Linear}
-_TABLE_DTYPE = {"float32": torch.float32, "float16": torch.float16}  # embedding tables, looked up by torch
+WEIGHT_FORMATS = ("auto", "float32", "float16", "int8", "int4")
+QUANTIZED_BITS = {"int8": 8, "int4": 4}
 
 
 def check_weight_format(weights: str) -> str:
@@ -31,27 +43,76 @@ def check_weight_format(weights: str) -> str:
     return weights
 
 
-def apply_weight_format(model: nn.Module, weights: str, threads: int) -> nn.Module:
-    """Store every weight matrix of a CPU ``model`` in format ``weights`` (in place; returns the model).
+def _packed_from_raw(raw_parts) -> list:
+    """GGUF parts → packed matrices: one when their formats allow stacking, else one per part."""
+    parts = [pack_gguf(r.data, r.qtype, r.cols) for r in raw_parts]
+    if len(parts) == 1:
+        return parts
+    try:
+        return [stack_rows(parts)]
+    except ValueError:  # mixed formats (e.g. Q5_0 q/k and a Q8_0 v): kept apart, computed in turn
+        return parts
 
-    Every :class:`Linear` becomes the format's CpuLinear (one-token products on ``threads`` threads);
-    embedding tables take the format's dtype (torch looks rows up; activations stay fp32). A weight
-    shared by two modules (a tied head and its embedding) stays one tensor."""
-    cls = WEIGHT_FORMATS[check_weight_format(weights)]
+
+def linear_for(weights: str, dense: torch.Tensor | None, bias: torch.Tensor | None, threads: int,
+               raw_parts=None) -> CpuLinear:
+    """The CPU storage module for one weight matrix in format ``weights``.
+
+    dense: the weight [out, in] as a float tensor (its dtype tells "auto" what was stored); raw_parts:
+    for "auto" on a GGUF, the quantized tensors it is made of (offload.checkpoint.RawTensor, stacked by
+    rows), used instead of ``dense``."""
+    weights = check_weight_format(weights)
+    if weights == "auto" and raw_parts:
+        return PackedLinear(_packed_from_raw(raw_parts), bias, threads)
+    if weights == "auto":
+        weights = "float16" if dense.dtype in (torch.float16, torch.bfloat16) else "float32"
+    if weights == "float32":
+        return Float32Linear(dense, bias, threads)
+    if weights == "float16":
+        return Float16Linear(dense, bias, threads)
+    bits = QUANTIZED_BITS[weights]
+    if dense.shape[1] % 32:
+        raise ValueError(f"weights={weights!r} quantizes groups of 32 input columns; this matrix has "
+                         f"{dense.shape[1]} (use float16)")
+    return PackedLinear(quantize(dense.detach().float().numpy(), bits), bias, threads)
+
+
+def embedding_for(weights: str, dense: torch.Tensor | None, raw=None) -> nn.Module:
+    """The token table in format ``weights``: a GGUF's quantized table stays packed ("auto"); otherwise a
+    torch table, fp32 for "float32" and fp16 for the rest (a lookup reads one row: no kernel needed)."""
+    if weights == "auto" and raw is not None:
+        return PackedEmbedding(_packed_from_raw([raw])[0])
+    table = Embedding(dense.shape[0], dense.shape[1], device="meta")
+    dtype = torch.float32 if weights == "float32" or (weights == "auto" and dense.dtype == torch.float32) \
+        else torch.float16
+    table.weight = nn.Parameter(dense.detach().to("cpu", dtype), requires_grad=False)
+    return table
+
+
+def tied_head(embedding: nn.Module, weights: str, threads: int) -> CpuLinear:
+    """The output head of a tied model, reading the embedding's own storage (one table in memory)."""
+    if isinstance(embedding, PackedEmbedding):
+        return PackedLinear(embedding.packed, None, threads)
+    return linear_for(weights, embedding.weight, None, threads)
+
+
+def apply_weight_format(model: nn.Module, weights: str, threads: int) -> nn.Module:
+    """Store every weight matrix of a dense CPU ``model`` in format ``weights`` (in place; returns the
+    model). A tied head keeps reading its embedding's table ("auto" keeps each tensor's dtype)."""
+    check_weight_format(weights)
     bad = [n for n, p in model.named_parameters() if p.device.type != "cpu"]
     if bad:
-        raise ValueError(f"apply_weight_format needs a model on the CPU; {bad[0]} is on {model.get_parameter(bad[0]).device}")
-    tables = {}
-    for module in model.modules():
-        if isinstance(module, Embedding):
-            old = module.weight
-            module.weight = nn.Parameter(old.detach().to(_TABLE_DTYPE[weights]), requires_grad=False)
-            tables[id(old)] = module.weight
+        raise ValueError(f"apply_weight_format needs a model on the CPU; {bad[0]} is on "
+                         f"{model.get_parameter(bad[0]).device}")
+    tied = model.lm_head.weight is model.embed.weight
+    if isinstance(model.embed, Embedding):
+        model.embed = embedding_for(weights, model.embed.weight)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, Linear):
-                weight = tables.get(id(child.weight), child.weight)  # a tied head reads the converted table
-                setattr(parent, name, cls(weight.detach(), child.bias, threads))
+            if isinstance(child, Linear) and not (tied and child is model.lm_head):
+                setattr(parent, name, linear_for(weights, child.weight, child.bias, threads))
+    if tied:
+        model.lm_head = tied_head(model.embed, weights, threads)
     return model
 
 
@@ -73,5 +134,35 @@ def set_threads(model: nn.Module, threads: int) -> None:
             module.threads = threads
 
 
-__all__ = ["WEIGHT_FORMATS", "CpuLinear", "Float16Linear", "Float32Linear", "apply_weight_format",
-           "check_weight_format", "set_threads", "store_ffn_weights_fp16"]
+def decode_bytes(model: nn.Module) -> int:
+    """Weight bytes one decode token reads: every weight matrix once (a tied head and its table counted
+    once), norms and biases; of an untied embedding table only the row looked up (~0)."""
+    seen, total = set(), 0
+
+    def add(key, n):
+        nonlocal total
+        if key not in seen:
+            seen.add(key)
+            total += n
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            for P in module.parts:
+                add(id(P.planes), P.nbytes)
+        elif isinstance(module, CpuLinear):
+            add(module.weight.data_ptr(), module.nbytes)
+        elif isinstance(module, Linear):
+            add(module.weight.data_ptr(), module.nbytes)
+        elif isinstance(module, (Embedding, PackedEmbedding)):
+            continue
+        else:
+            for p in module.parameters(recurse=False):
+                add(p.data_ptr(), p.numel() * p.element_size())
+    for module in model.modules():  # biases of the storage modules
+        if isinstance(module, CpuLinear) and module.bias is not None:
+            add(module.bias.data_ptr(), module.bias.numel() * 4)
+    return total
+
+
+__all__ = ["QUANTIZED_BITS", "WEIGHT_FORMATS", "CpuLinear", "Float16Linear", "Float32Linear", "PackedEmbedding",
+           "PackedLinear", "apply_weight_format", "check_weight_format", "decode_bytes", "embedding_for",
+           "linear_for", "set_threads", "store_ffn_weights_fp16", "tied_head"]

@@ -32,6 +32,11 @@ class CpuLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to("cpu", torch.float32).contiguous())
         self._bias_np = None if bias is None else self.bias.numpy()
 
+    def set_bias(self, bias: torch.Tensor | None) -> None:
+        """Replace the bias (fp32 [out] or None)."""
+        self.bias = None if bias is None else bias.detach().to("cpu", torch.float32).contiguous()
+        self._bias_np = None if bias is None else self.bias.numpy()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32:
             raise TypeError(f"{type(self).__name__} computes fp32 activations on the CPU, got {x.dtype} on "

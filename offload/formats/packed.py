@@ -268,6 +268,49 @@ def _row_codes(P: PackedMatrix, idx: np.ndarray) -> Codes:
                  per_row(P.sc), per_row(P.mc))
 
 
+def dequantize_rows(P: PackedMatrix, idx) -> np.ndarray:
+    """fp32 [len(idx), C]: rows ``idx`` of dequantize(P), bit for bit (an embedding lookup reads one row
+    of a packed table this way)."""
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    c = _row_codes(P, idx)
+    S = c.d.astype(np.float32)[:, P.dmap]
+    if c.sc is not None:
+        S = S * c.sc.astype(np.float32)
+    S = S[:, P.gmap]
+    q = c.q.astype(np.float32)
+    if c.m is None:
+        return S * (q - np.float32(P.zero))
+    M = c.m.astype(np.float32)[:, P.dmap]
+    if c.mc is not None:
+        M = M * c.mc.astype(np.float32)
+    return S * q + M[:, P.gmap]
+
+
+def stack_rows(parts: list[PackedMatrix], tile: int | None = None) -> PackedMatrix:
+    """One matrix of the rows of ``parts`` in order (lossless; fused q/k/v or gate/up stored alike).
+    The parts must share the storage type (bits, groups, zero point, scale layout): ValueError if not."""
+    first = parts[0]
+    key = (first.cols, first.bits, first.group, first.zero, first.d.shape[1], first.m.shape[1] > 0,
+           first.sc.shape[1] > 0)
+    for P in parts[1:]:
+        other = (P.cols, P.bits, P.group, P.zero, P.d.shape[1], P.m.shape[1] > 0, P.sc.shape[1] > 0)
+        if other != key or not (np.array_equal(P.gmap, first.gmap) and np.array_equal(P.dmap, first.dmap)):
+            raise ValueError("stack_rows: the parts are stored in different formats")
+    rows = sum(P.rows for P in parts)
+    out = _empty(rows, first.cols, first.bits, tile or default_tile(rows, first.bits), first.group, first.zero,
+                 first.gmap, first.dmap, first.d.shape[1], first.m.shape[1] > 0, first.sc.shape[1] > 0)
+    codes = [_row_codes(P, np.arange(P.rows)) for P in parts]
+    def cat(name):
+        vals = [getattr(c, name) for c in codes]
+        return None if vals[0] is None else np.concatenate(vals)
+    joined = Codes(cat("q"), cat("d"), cat("m"), cat("sc"), cat("mc"))
+    step = _chunk_rows(out)
+    for r0 in range(0, rows, step):
+        _put(out, r0, Codes(*(None if a is None else a[r0:r0 + step] for a in
+                              (joined.q, joined.d, joined.m, joined.sc, joined.mc))))
+    return out
+
+
 def take_rows(P: PackedMatrix, idx, tile: int | None = None) -> PackedMatrix:
     """The matrix of output rows ``idx`` (lossless repack; e.g. a gate/up neuron subset)."""
     idx = np.asarray(idx, dtype=np.int64).reshape(-1)
