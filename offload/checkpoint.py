@@ -29,10 +29,10 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 @dataclass
 class RawTensor:
-    """A quantized GGUF tensor as stored: data uint8 [rows, row_bytes] (in memory, not mapped),
-    ``qtype`` its gguf.GGMLQuantizationType, ``cols`` its columns (HF shape [rows, cols])."""
+    """A quantized GGUF tensor as stored: data uint8 [rows, row_bytes] (an array, or rows read from the
+    file when sliced), ``qtype`` its gguf.GGMLQuantizationType, ``cols`` its columns (HF shape [rows, cols])."""
 
-    data: object  # np.ndarray, uint8
+    data: object  # np.ndarray or offload.gguf_loader.FileRows, uint8 [rows, row_bytes]
     qtype: int
     cols: int
 

@@ -3,6 +3,8 @@
 Metadata becomes a HF-style config dict; tensors are dequantized with the ``gguf`` package one at a
 time when asked for. llama.cpp's converter permutes the rows of LLaMA's q and k projections (its
 RoPE pairs adjacent dims, HF's pairs the two halves); we undo that so the weights match HF's.
+Qwen2 (``qwen2``: q/k/v biases, its own rope θ) is converted without that permutation, because
+llama.cpp runs it with the NeoX (halves) rope, which is HF's.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch
 from offload.checkpoint import Checkpoint
 from offload.errors import CheckpointError, UnsupportedModelError
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+_PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp permutes for its adjacent-pair rope
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -68,7 +71,7 @@ def config_from_gguf(reader, path: str) -> dict:
     embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
     vocab = int(_field(reader, f"{arch}.vocab_size", int(embed.shape[-1])))
     config = {
-        "model_type": "llama", "hidden_act": "silu",
+        "model_type": arch, "hidden_act": "silu",
         "vocab_size": vocab,
         "hidden_size": int(need("embedding_length")),
         "intermediate_size": int(need("feed_forward_length")),
@@ -94,6 +97,27 @@ def config_from_gguf(reader, path: str) -> dict:
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+class FileRows:
+    """Rows of a GGUF tensor's stored bytes, read from the file when sliced (``rows[a:b]`` → uint8
+    [b − a, row_bytes]): packing a tensor chunk by chunk then never holds more than a chunk of it, and
+    no page of the file stays mapped into the process (a memory map's touched pages count as resident)."""
+
+    def __init__(self, path: str, offset: int, rows: int, row_bytes: int):
+        self.path, self.offset = path, offset
+        self.shape = (rows, row_bytes)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("FileRows reads contiguous row ranges only")
+        out = np.empty((max(0, stop - start), self.shape[1]), np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * self.shape[1])
+            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+                raise CheckpointError(f"{self.path}: truncated while reading a tensor's rows")
+        return out
 
 
 def read_tensor_bytes(path: str, tensor) -> np.ndarray:
@@ -128,13 +152,14 @@ def open_gguf(path: str) -> Checkpoint:
         by_hf[name] = t
         shapes[name] = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    permuted = config["model_type"] in _PERMUTED_QK
 
     def get(name: str) -> torch.Tensor:
         t = by_hf[name]
         w = dequantize(read_tensor_bytes(path, t), t.tensor_type).astype(np.float32, copy=False).reshape(shapes[name])
-        if name.endswith("q_proj.weight"):
+        if permuted and name.endswith("q_proj.weight"):
             w = unpermute_qk(w, heads)
-        elif name.endswith("k_proj.weight"):
+        elif permuted and name.endswith("k_proj.weight"):
             w = unpermute_qk(w, kv_heads)
         return torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # own, writable copy
 
@@ -142,12 +167,13 @@ def open_gguf(path: str) -> Checkpoint:
         t = by_hf[name]
         if t.tensor_type.name in FLOAT_TYPES or len(shapes[name]) != 2:
             return None
-        data = read_tensor_bytes(path, t)
-        if name.endswith("q_proj.weight"):  # whole quantized rows move: lossless
-            data = unpermute_qk(data, heads)
-        elif name.endswith("k_proj.weight"):
-            data = unpermute_qk(data, kv_heads)
-        return RawTensor(np.ascontiguousarray(data), int(t.tensor_type), shapes[name][1])
+        cols = shapes[name][1]
+        if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):  # whole quantized rows move: lossless
+            n_head = heads if name.endswith("q_proj.weight") else kv_heads
+            return RawTensor(np.ascontiguousarray(unpermute_qk(read_tensor_bytes(path, t), n_head)),
+                             int(t.tensor_type), cols)
+        rows = shapes[name][0]
+        return RawTensor(FileRows(path, int(t.data_offset), rows, int(t.n_bytes) // rows), int(t.tensor_type), cols)
 
     return Checkpoint(source=path, config=config, shapes=shapes, files={n: path for n in shapes}, get=get,
                       tokenizer_path=os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path),
