@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     import torch
     import transformers as tf
 
-    from offload.api import load_tokenizer
+    from offload.tokenizer import load_tokenizer
     from offload.checkpoint import default_model_path, open_checkpoint
 
     if args.tokenizer:
