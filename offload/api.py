@@ -16,7 +16,7 @@ import os
 import torch
 
 from offload.checkpoint import Checkpoint, open_checkpoint
-from offload.errors import BudgetError, GenerationError, UsageError
+from offload.errors import BudgetError, GenerationError, OffloadError, UsageError
 from offload.generation import GenerationStats, SamplingConfig, _as_tuple, generate
 from offload.loading import build_model
 from offload.tokenizer import MissingTokenizer, load_tokenizer
@@ -151,25 +151,15 @@ class OffloadedModel:
         ``prepared``: artifacts from offload.prepare.prepare / prepare_from_tokens (default: prepare)."""
         from offload.prepare import prepare
         from offload.hybrid import apply_placement, uses_spinning_pool
-        from offload.place.report import plan_and_place
-
         from offload.place.memory import plan_memory
+        from offload.place.report import plan_and_place
 
         device = device or self.device
         hot_dtype = hot_dtype or self.dtype
         if budget == 0 and device.type != "cpu":
             raise BudgetError("gpu_memory=0 (no device memory) is only for device='cpu': every FFN neuron cold")
         if budget and prepared is None:  # a budget too small fails before minutes of preparation
-            from offload.errors import OffloadError
-            from offload.place.report_cli import cached_predictor_bytes
-
-            try:  # the same count as `offload report`: the cached predictors, if any
-                pred = cached_predictor_bytes(self.checkpoint.identity, len(self.model.layers), self.weights)
-            except OffloadError:
-                pred = 0  # a damaged file: prepare() names it, with the fix
-            plan_memory(self.checkpoint.config, dtype=str(hot_dtype).removeprefix("torch."), device=device.type,
-                        context=min(context, self.max_context), shapes=self.checkpoint.shapes,
-                        predictor_bytes=pred).check_fits(budget)
+            self._check_fixed_part_fits(budget, device, hot_dtype, context)
         prepared = prepared or prepare(self, text, progress=progress)
         preds = prepared.predictors
         layers = len(self.model.layers)
@@ -187,6 +177,20 @@ class OffloadedModel:
         selectors = [_fast_selector(preds[i], preds.selector(i), device, spinning) for i in range(layers)]
         self.hybrid_stats = apply_placement(self.model, placement.hot, selectors, device=device, hot_dtype=hot_dtype)
         self.placement, self.device, self.dtype = placement, device, self.model.dtype
+
+    def _check_fixed_part_fits(self, budget: int, device: torch.device, hot_dtype: torch.dtype, context: int) -> None:
+        """BudgetError if the non-FFN part does not fit ``budget``, with the predictors counted as
+        ``offload report`` counts them: the cached ones, if any (not yet built: none)."""
+        from offload.place.memory import plan_memory
+        from offload.place.report_cli import cached_predictor_bytes
+
+        try:
+            pred = cached_predictor_bytes(self.checkpoint.identity, len(self.model.layers), self.weights)
+        except OffloadError:
+            pred = 0  # a damaged file: prepare() names it, with the fix
+        plan_memory(self.checkpoint.config, dtype=str(hot_dtype).removeprefix("torch."), device=device.type,
+                    context=min(context, self.max_context), shapes=self.checkpoint.shapes,
+                    predictor_bytes=pred).check_fits(budget)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,

@@ -115,10 +115,15 @@ def test_min_p_matches_transformers_warper():
         assert torch.equal(filter_min_p(logits, min_p), expected), min_p
 
 
-def test_min_p_in_generate_follows_temperature(smollm2_ours):
-    """min_p=1 keeps only the most likely token: sampling then equals greedy decoding."""
-    ids = smollm2_ours.chat_ids("What is the capital of France?")
-    greedy = smollm2_ours.generate(ids, max_new_tokens=8, eos_token_id=[])
-    sampled = smollm2_ours.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.5, min_p=1.0, seed=3,
-                                    eos_token_id=[])
+def test_min_p_one_keeps_only_the_most_likely_token(tiny_checkpoint):
+    """min_p=1 after temperature keeps only the most likely token: sampling then equals greedy decoding."""
+    from offload import OffloadedModel
+
+    m = OffloadedModel.from_pretrained(tiny_checkpoint("llama"), progress=False)
+    ids = torch.tensor([[5, 17, 3, 42]])
+    greedy = m.generate(ids, max_new_tokens=8, eos_token_id=[])
+    sampled = m.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.5, min_p=1.0, seed=3, eos_token_id=[])
     assert sampled.tolist() == greedy.tolist()
+    loose = [m.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.5, min_p=0.0, seed=s, eos_token_id=[])
+             for s in range(3)]
+    assert any(x.tolist() != greedy.tolist() for x in loose)  # without it, sampling does differ

@@ -23,25 +23,52 @@ def chat_ckpt(tiny_checkpoint):
     return tiny_checkpoint("llama_chat")
 
 
-def test_weight_formats_and_designs_get_their_own_artifacts(chat_ckpt, fast_prepare):
-    f16 = prepare(load(chat_ckpt, "float16"), progress=False)
-    f32 = prepare(load(chat_ckpt), progress=False)
-    int8 = prepare(load(chat_ckpt), bits=8, progress=False)
-    assert not (f16.reused or f32.reused or int8.reused)
-    dirs = {os.path.basename(p.directory) for p in (f16, f32, int8)}
-    assert dirs == {"float16-shadow-int4", "float32-shadow-int4", "float32-shadow-int8"}
+@pytest.fixture(scope="module")
+def built(chat_ckpt, tmp_path_factory):
+    """The default artifacts of the tiny chat model in float16 and float32, built once for the module:
+    (cache folder, {weights: Prepared})."""
+    import functools
+
+    import offload.prepare as prep
+
+    cache = tmp_path_factory.mktemp("built") / "offload-cache"
+    with pytest.MonkeyPatch.context() as mp:  # the settings of the fast_prepare fixture
+        mp.setenv("OFFLOAD_CACHE", str(cache))
+        mp.setattr(prep, "prepare_from_tokens", functools.partial(
+            prep.prepare_from_tokens, profile_tokens=512, tune_tokens=256, report_tokens=256))
+        return cache, {w: prepare(load(chat_ckpt, w), progress=False) for w in ("float16", "float32")}
+
+
+@pytest.fixture
+def prepared_cache(built, fast_prepare):
+    """fast_prepare's fresh cache, holding a copy of the module's built artifacts."""
+    import shutil
+
+    shutil.copytree(built[0], fast_prepare)
+    return fast_prepare
+
+
+def test_weight_formats_and_designs_get_their_own_artifacts(chat_ckpt, built, prepared_cache):
+    from offload.corpus import DEFAULT_SOURCE
+    from offload.prepare import artifact_directory, predictor_design, settings_variant
+
+    f16, f32 = built[1]["float16"], built[1]["float32"]
+    assert {os.path.basename(p.directory) for p in (f16, f32)} == {"float16-shadow-int4", "float32-shadow-int4"}
     assert f16.operating_point["weights"] == "float16" and f32.operating_point["weights"] == "float32"
-    again = prepare(load(chat_ckpt, "float16"), progress=False)
-    assert again.reused and again.directory == f16.directory
-    other = prepare(load(chat_ckpt), max_bytes=0.7, progress=False)  # another setting: a folder of its own
-    assert not other.reused and other.directory not in {f16.directory, f32.directory}
+    om = load(chat_ckpt, "float16")
+    again = prepare(om, progress=False)
+    assert again.reused and os.path.basename(again.directory) == "float16-shadow-int4"
+    identity = om.checkpoint.identity
+    assert artifact_directory(identity, "float32", predictor_design(om.model, bits=8)).endswith("float32-shadow-int8")
+    other = settings_variant(DEFAULT_SOURCE, "", {"max_bytes": 0.7})  # another setting: a folder of its own
+    assert other and settings_variant(DEFAULT_SOURCE, "", {"max_bytes": 0.65}) == ""
+    assert settings_variant("book.txt", "abc", {}) not in ("", other)
 
 
-def test_bytes_budget_counts_the_predictor_against_fp32_rows_in_every_format(chat_ckpt, fast_prepare):
+def test_bytes_budget_counts_the_predictor_against_fp32_rows_in_every_format(built):
     """fp16 rows must not double the predictor's share (0.1875 instead of 0.094 on SmolLM2): the density
     search, and so the operating point, would be pushed down on the format that reads fewer bytes."""
-    f16 = prepare(load(chat_ckpt, "float16"), progress=False).operating_point
-    f32 = prepare(load(chat_ckpt), progress=False).operating_point
+    f16, f32 = built[1]["float16"].operating_point, built[1]["float32"].operating_point
     assert f16["predictor_bytes_fraction"] == pytest.approx(f32["predictor_bytes_fraction"], rel=1e-6)
     assert f16["tried"][-1]["density"] == f32["tried"][-1]["density"]  # the same d_max
     # as stored, fp16 rows cost half: the reported fraction of the fp16 dense FFN shows the predictor twice as big
@@ -49,10 +76,9 @@ def test_bytes_budget_counts_the_predictor_against_fp32_rows_in_every_format(cha
     assert f32["stored_bytes_fraction"] == pytest.approx(f32["bytes_fraction"])
 
 
-def test_reused_operating_point_that_missed_its_targets_says_so_with_the_fix(chat_ckpt, fast_prepare):
+def test_reused_operating_point_that_missed_its_targets_says_so_with_the_fix(chat_ckpt, prepared_cache):
     om = load(chat_ckpt, "float16")
-    built = prepare(om, progress=False)
-    path = os.path.join(built.directory, OPERATING_POINT_FILE)
+    path = os.path.join(cached_dir(om), OPERATING_POINT_FILE)
     op = json.loads(open(path).read())
     op.update(targets_met=False, validation_ppl_ratio=1.066)
     open(path, "w").write(json.dumps(op))
@@ -64,6 +90,12 @@ def test_reused_operating_point_that_missed_its_targets_says_so_with_the_fix(cha
     assert "offload prepare [MODEL] --weights float16 --rebuild" in text
     with pytest.warns(UserWarning, match="does not meet its targets"):  # said without a log too
         prepare(om, progress=False, log=None)
+
+
+def cached_dir(om) -> str:
+    from offload.prepare import artifact_directory, predictor_design
+
+    return artifact_directory(om.checkpoint.identity, om.weights, predictor_design(om.model))
 
 
 def test_first_build_says_what_it_does_how_long_and_where(chat_ckpt, fast_prepare, capsys):
@@ -81,10 +113,9 @@ def test_first_build_says_what_it_does_how_long_and_where(chat_ckpt, fast_prepar
     assert not any("First use" in s for s in said) and "using the prepared sparse FFN" in said[0]
 
 
-def test_old_artifacts_are_rebuilt(chat_ckpt, fast_prepare):
+def test_old_artifacts_are_rebuilt(chat_ckpt, prepared_cache):
     om = load(chat_ckpt)
-    built = prepare(om, progress=False)
-    path = os.path.join(built.directory, OPERATING_POINT_FILE)
+    path = os.path.join(cached_dir(om), OPERATING_POINT_FILE)
     op = json.loads(open(path).read())
     op["version"] = 1
     open(path, "w").write(json.dumps(op))
@@ -93,15 +124,13 @@ def test_old_artifacts_are_rebuilt(chat_ckpt, fast_prepare):
     assert any("made by an older offload; rebuilding" in s for s in said)
 
 
-def test_damaged_artifact_names_the_file_and_the_rebuild(chat_ckpt, fast_prepare):
+def test_damaged_artifact_names_the_file_and_the_rebuild(chat_ckpt, prepared_cache):
     om = load(chat_ckpt)
-    built = prepare(om, progress=False)
-    with open(os.path.join(built.directory, PREDICTOR_FILE), "r+b") as f:
+    with open(os.path.join(cached_dir(om), PREDICTOR_FILE), "r+b") as f:
         f.write(b"\xff" * 64)
     with pytest.raises(ArtifactError, match=r"predictor\.safetensors: .*rebuild with `offload prepare \[MODEL\] "
                                             r"--weights float32 --rebuild`"):
         prepare(om, progress=False)
-    assert not prepare(om, rebuild=True, progress=False).reused
 
 
 def test_eval_prepares_a_model_not_yet_prepared(chat_ckpt, fast_prepare, capsys):
@@ -113,15 +142,12 @@ def test_eval_prepares_a_model_not_yet_prepared(chat_ckpt, fast_prepare, capsys)
     assert rc == 0, err[-2000:]
     assert "First use of this model with float16 weights" in err and "perplexity: dense" in out
     assert out.strip().splitlines()[-1].startswith("evaluation took ")  # not a bare "199 s"
-    assert os.path.isdir(fast_prepare) and any("float16-shadow-int4" in d for _, ds, _ in os.walk(fast_prepare)
-                                               for d in ds)
 
 
-def test_prepare_cli_takes_weights_and_reports_targets(chat_ckpt, fast_prepare, capsys):
+def test_prepare_cli_takes_weights_and_reports_targets(chat_ckpt, prepared_cache, capsys):
     from offload.cli import main
 
     assert main(["prepare", chat_ckpt, "--weights", "float16"]) == 0
     out = capsys.readouterr().out
-    assert "weights: float16" in out and "targets met" in out and "float16-shadow-int4" in out
-    assert main(["prepare", chat_ckpt, "--weights", "float16"]) == 0
-    assert "artifacts (reused)" in capsys.readouterr().out
+    assert "weights: float16" in out and "targets met" in out and "artifacts (reused)" in out
+    assert "float16-shadow-int4" in out
