@@ -122,17 +122,20 @@ def budget_error(budget: int, need: int, breakdown: dict[str, int] | None = None
     ctx = f" for a context of {context} tokens" if context else ""
     ctx += f" × batch {batch}" if batch and batch > 1 else ""
     if torch.device(device).type == "cpu":
-        where, note = "Device memory budget", "; device='cpu': no CUDA context counted"
+        where, note = "Device memory budget", " On device='cpu' no CUDA context is counted."
         other = ("or a budget of 0 (gpu_memory=0 / --gpu-memory 0: every FFN neuron on the CPU's cold path, the "
                  "fastest CPU-only setting)")
     else:
         where, note = "GPU memory budget", ""
+        reserve = (breakdown or {}).get("context_reserve", 0)
+        if reserve:
+            note = f" The need counts {format_bytes(reserve)} for the CUDA context and allocator slack."
         other = "or the CPU alone (device='cpu' with gpu_memory=0 / --device cpu --gpu-memory 0)"
     return BudgetError(
-        f"{where} {format_bytes(budget)} ({budget} bytes{note}) is too small: the non-FFN part of the "
+        f"{where} {format_bytes(budget)} ({budget} bytes) is too small: the non-FFN part of the "
         f"model{ctx} needs {format_bytes(need)} ({need} bytes{parts}), a shortfall of "
         f"{format_bytes(need - budget)}. Try a shorter context (context= / --context), a larger budget "
-        f"(gpu_memory= / --gpu-memory), {other}.")
+        f"(gpu_memory= / --gpu-memory), {other}.{note}")
 
 
 def _layer_of(name: str) -> int | None:
