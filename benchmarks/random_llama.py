@@ -65,7 +65,7 @@ def make_tokenizer(arg: str | None, vocab_size: int):
         return build_bpe_tokenizer(vocab_size)
     if arg:
         return tf.AutoTokenizer.from_pretrained(arg)
-    from offload.api import load_tokenizer
+    from offload.tokenizer import load_tokenizer
     from offload.checkpoint import default_model_path, open_checkpoint
 
     return load_tokenizer(open_checkpoint(default_model_path()))

@@ -15,13 +15,14 @@ import os
 
 import torch
 
-from offload.cache import model_cache_dir
 from offload.checkpoint import Checkpoint, open_checkpoint
 from offload.cpu.pool import check_threads, start_pool
-from offload.errors import BudgetError, GenerationError
+from offload.errors import BudgetError, GenerationError, OffloadError, UsageError
 from offload.generation import GenerationStats, SamplingConfig, as_tuple, generate
 from offload.loading import build_model
+from offload.tokenizer import MissingTokenizer, load_tokenizer
 from offload.units import parse_memory_size
+
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -32,29 +33,26 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
         return torch.float32 if device.type == "cpu" else torch.float16
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype={dtype}: expected one of float32, float16, bfloat16")
+            raise UsageError(f"dtype={dtype}: expected one of float32, float16, bfloat16")
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(sorted(_DTYPES))}")
+        raise UsageError(f"dtype={dtype!r}: expected one of {', '.join(sorted(_DTYPES))}")
     return _DTYPES[dtype]
 
 
-def load_tokenizer(ckpt: Checkpoint):
-    """transformers' AutoTokenizer for the checkpoint. GGUF tokenizers take ~10 s to convert, so the
-    converted one is saved once in the model's cache folder and reloaded from there."""
-    from transformers import AutoTokenizer
-
-    if ckpt.gguf_file is None:
-        return AutoTokenizer.from_pretrained(ckpt.tokenizer_path)
-    cached = os.path.join(model_cache_dir(ckpt.identity), "tokenizer")
-    if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
-        return AutoTokenizer.from_pretrained(cached)
-    tok = AutoTokenizer.from_pretrained(ckpt.tokenizer_path, gguf_file=ckpt.gguf_file)
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
     try:
-        tok.save_pretrained(cached)
-    except OSError:
-        pass  # a read-only cache only costs time
-    return tok
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"device={device!r}: expected 'cpu' or 'cuda' (or 'cuda:N')")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device={device!r}, but this torch ({torch.__version__}) sees no CUDA GPU; use device='cpu' "
+                         "(with gpu_memory=0 for the CPU-only sparse engine)")
+    return dev
 
 
 class OffloadedModel:
@@ -72,6 +70,7 @@ class OffloadedModel:
         self.config = model.config
         self.device, self.dtype = device, model.dtype
         self.gpu_memory = gpu_memory
+        self.weights = "float32"  # the storage format (offload.formats.WEIGHT_FORMATS); artifacts are kept per format
         self.last_stats = GenerationStats()
         self.placement = None  # set by offload(): the Placement in use
         self.hybrid_stats = None  # HybridStats of the hybrid layers, reset by each generate
@@ -87,6 +86,7 @@ class OffloadedModel:
         Once per model: a second call raises (load the model again to place it for another budget)."""
         from offload.cpu.decode import warm_up
         from offload.hybrid import HybridFFN, apply_placement, uses_spinning_pool
+        from offload.place.memory import plan_memory
         from offload.place.report import plan_and_place
         from offload.prepare import prepare
         from offload.select import runtime_selector
@@ -96,14 +96,14 @@ class OffloadedModel:
                               "with from_pretrained(gpu_memory=...) to place it for another budget")
         device = device or self.device
         hot_dtype = hot_dtype or self.dtype
+        if budget == 0 and device.type != "cpu":
+            raise BudgetError("gpu_memory=0 (no device memory) is only for device='cpu': every FFN neuron cold")
+        if budget and prepared is None:  # a budget too small fails before minutes of preparation
+            self._check_fixed_part_fits(budget, device, hot_dtype, context)
         prepared = prepared or prepare(self, text, progress=progress)
         preds = prepared.predictors
         layers = len(self.model.layers)
         if budget == 0:
-            if device.type != "cpu":
-                raise BudgetError("gpu_memory=0 (no device memory) is only for device='cpu': every FFN neuron cold")
-            from offload.place.memory import plan_memory
-
             plan = plan_memory(self.checkpoint.config, dtype=str(hot_dtype).removeprefix("torch."), device="cpu",
                                context=min(context, self.max_context), predictor_bytes=preds.nbytes // layers,
                                shapes=self.checkpoint.shapes)
@@ -122,12 +122,26 @@ class OffloadedModel:
         if device.type == "cpu":
             warm_up(self.model)
 
+    def _check_fixed_part_fits(self, budget: int, device: torch.device, hot_dtype: torch.dtype, context: int) -> None:
+        """BudgetError if the non-FFN part does not fit ``budget``, with the predictors counted as
+        ``offload report`` counts them: the cached ones, if any (not yet built: none)."""
+        from offload.place.memory import plan_memory
+        from offload.place.report_cli import cached_predictor_bytes
+
+        try:
+            pred = cached_predictor_bytes(self.checkpoint.identity, len(self.model.layers), self.weights)
+        except OffloadError:
+            pred = 0  # a damaged file: prepare() names it, with the fix
+        plan_memory(self.checkpoint.config, dtype=str(hot_dtype).removeprefix("torch."), device=device.type,
+                    context=min(context, self.max_context), shapes=self.checkpoint.shapes,
+                    predictor_bytes=pred).check_fits(budget)
+
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, gpu_memory: int | str | None = None,
                         local_files_only: bool = False, revision: str | None = None, context: int = 4096,
-                        progress: bool = True, weights: str = "float32", threads: int | None = None
-                        ) -> "OffloadedModel":
+                        progress: bool = True, weights: str = "auto", threads: int | None = None,
+                        before_offload=None) -> "OffloadedModel":
         """Load ``model`` (hub repo id, local HF directory, ``.gguf`` file, or None for the embedded
         SmolLM2-135M-Instruct). Hub access honours ``HF_HUB_OFFLINE`` and ``local_files_only``.
 
@@ -138,41 +152,62 @@ class OffloadedModel:
         ``device`` and cold rows on the CPU (see :meth:`offload`). With ``device="cpu"``,
         ``gpu_memory=0`` runs the hybrid with every neuron cold: the CPU-only sparse engine.
 
-        ``weights``: how weight matrices are stored for the CPU (offload.formats): "float32" (exact to
-        transformers' fp32 model) or "float16" (half the bytes a token reads, fp32 arithmetic). On the CPU
-        it applies to the whole model; with a GPU budget, to the cold rows (the device side takes
-        ``dtype``). ``threads``: CPU threads for the decode kernels (default: every CPU this process may
-        use; on a machine shared with other busy processes ``threads=1`` keeps decode steady)."""
-        from offload.cpu.decode import fuse_decode_blocks, warm_up
-        from offload.formats import apply_weight_format, check_weight_format, store_ffn_weights_fp16
+        ``weights``: how weight matrices are stored for CPU decode (offload.formats): "auto" (the default:
+        what the checkpoint stores; a GGUF's quantized blocks as they are), "float32" (transformers' fp32
+        numbers), "float16", "int8" or "int4" (round to nearest, groups of 32). With a GPU budget it applies
+        to the cold rows the CPU keeps ("float16" rounds them to fp16; the device side takes ``dtype``).
+        ``threads``: CPU threads for the decode kernels (default: every CPU this process may use; on a
+        machine shared with other busy processes ``threads=1`` keeps decode steady).
 
-        device = torch.device(device if device is not None else "cpu")
-        if gpu_memory in (0, "0") and device.type == "cpu":
-            budget = 0  # no device memory: every FFN neuron cold (see offload())
-        else:
-            budget = parse_memory_size(gpu_memory) if gpu_memory is not None else None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' but torch sees no CUDA GPU; use device='cpu'")
+        ``before_offload(model)``, if given, is called once the model and tokenizer are loaded and before
+        the hybrid's preparation (which can take minutes the first time), so that cheap checks such as a
+        prompt's length fail first. Invalid arguments raise UsageError / BudgetError before anything loads."""
+        from offload.cpu.decode import fuse_decode_blocks, warm_up
+        from offload.formats import WEIGHT_FORMATS, store_ffn_weights_fp16
+
+        budget = parse_memory_size(gpu_memory, allow_zero=True) if gpu_memory is not None else None
+        device = _resolve_device(device)
+        if budget == 0 and device.type != "cpu":  # 0 = no device memory: every FFN neuron cold (see offload())
+            raise BudgetError(f"gpu_memory=0 (no device memory, every FFN neuron on the CPU) is only for device='cpu'; "
+                              f"on {device} give a positive budget such as '8GiB'")
+        if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+            raise UsageError(f"context={context!r}: expected a positive number of tokens (the KV cache the budget "
+                             "reserves)")
         dtype = _resolve_dtype(dtype, device)
-        check_weight_format(weights)
-        threads = check_threads(threads)
+        if weights not in WEIGHT_FORMATS:
+            raise UsageError(f"weights={weights!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
         if device.type == "cpu" and dtype != torch.float32:
-            raise ValueError(f"dtype={dtype}: CPU decode computes in float32; choose how weights are stored "
-                             "with weights= instead")
-        if weights != "float32" and device.type != "cpu" and gpu_memory is None:
-            raise ValueError(f"weights={weights!r} applies to the CPU side (give gpu_memory= for a hybrid run); "
-                             "for a dense GPU model choose dtype=")
+            raise UsageError(f"dtype={dtype}: CPU decode computes in float32 (the default on the CPU); choose how "
+                             "weights are stored with weights= instead")
+        if weights not in ("auto", "float32", "float16") and device.type != "cpu":
+            raise UsageError(f"weights={weights!r} is a CPU storage format; with a GPU the cold rows take "
+                             "'float32' or 'float16'")
+        if weights == "float16" and device.type != "cpu" and gpu_memory is None:
+            raise UsageError("weights='float16' on a GPU applies to the hybrid's cold rows (give gpu_memory=); "
+                             "for a dense GPU model choose dtype='float16'")
+        try:
+            threads = check_threads(threads)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         ckpt = open_checkpoint(model, revision=revision, local_files_only=local_files_only)
         if budget is None and device.type != "cpu":  # dense on a GPU: torch modules in dtype
             net = build_model(ckpt, dtype=dtype, device=device, progress=progress)
-            return cls(net, load_tokenizer(ckpt), ckpt, device=device, threads=threads)
-        net = build_model(ckpt, dtype=torch.float32, device="cpu", progress=progress)
-        if device.type == "cpu":
-            apply_weight_format(net, weights, start_pool(threads))
-            fuse_decode_blocks(net)
-        elif weights == "float16":  # the cold rows the CPU will hold: fp16 (the hybrid keeps their dtype)
-            store_ffn_weights_fp16(net)
+            m = cls(net, load_tokenizer(ckpt), ckpt, device=device, threads=threads)
+            m.weights = weights
+            if before_offload is not None:
+                before_offload(m)
+            return m
+        if device.type == "cpu":  # every weight matrix in its CPU storage format, built tensor by tensor
+            net = fuse_decode_blocks(build_model(ckpt, progress=progress, weights=weights,
+                                                 threads=start_pool(threads)))
+        else:  # hybrid on a GPU: dense on the CPU in fp32, then every FFN split between the two
+            net = build_model(ckpt, dtype=torch.float32, device="cpu", progress=progress)
+            if weights == "float16":  # the cold rows the CPU will hold: fp16 (the hybrid keeps their dtype)
+                store_ffn_weights_fp16(net)
         m = cls(net, load_tokenizer(ckpt), ckpt, device=torch.device("cpu"), gpu_memory=budget, threads=threads)
+        m.weights = weights
+        if before_offload is not None:
+            before_offload(m)
         if budget is None:
             warm_up(net)
             return m
@@ -183,9 +218,14 @@ class OffloadedModel:
     def max_context(self) -> int:
         return self.config.max_position_embeddings
 
-    def chat_ids(self, prompt: str, system: str | None = None) -> torch.Tensor:
-        """Token ids [1, t] of ``prompt`` as one user turn in the model's chat template."""
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    def chat_ids(self, prompt: str | list[dict], system: str | None = None) -> torch.Tensor:
+        """Token ids [1, t] of ``prompt`` as one user turn in the model's chat template, or of a whole
+        conversation: a list of {"role", "content"} messages (multi-turn chat), ending with a user turn."""
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        messages = ([{"role": "system", "content": system}] if system else []) + turns
+        if getattr(self.tokenizer, "chat_template", "") is None and not isinstance(self.tokenizer, MissingTokenizer):
+            raise GenerationError(f"{self.checkpoint.source}: the tokenizer has no chat template; give the prompt as "
+                                  "plain text (without --chat)")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                  return_dict=True)["input_ids"]
         return ids
@@ -196,13 +236,14 @@ class OffloadedModel:
         return self.model(input_ids.to(self.device))
 
     def generate(self, input_ids, *, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 top_k: int = 50, top_p: float = 1.0, min_p: float | None = None, repetition_penalty: float = 1.0,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  stop_strings: str | list[str] | None = None, streamer=None, seed: int | None = None,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Generate like transformers' ``generate``: returns ids [b, prompt + new] (prompt included).
 
-        ``eos_token_id`` defaults to the model's; ``seed`` makes sampling reproducible; ``streamer``
+        ``min_p`` (transformers' meaning): when sampling, drop tokens less likely than min_p times the
+        most likely one. ``eos_token_id`` defaults to the model's; ``seed`` makes sampling reproducible; ``streamer``
         gets ``put(ids)`` / ``end()`` calls, so ``transformers.TextStreamer`` works unchanged.
         Timings of the call are in ``last_stats``.
         """
@@ -211,7 +252,7 @@ class OffloadedModel:
         if eos_token_id is None:
             eos_token_id = self._default_eos()
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                              eos_token_id=as_tuple(eos_token_id, int), stop_strings=as_tuple(stop_strings, str),
                              pad_token_id=pad_token_id, seed=seed)
         if self.hybrid_stats is not None:

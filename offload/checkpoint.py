@@ -20,7 +20,7 @@ from offload.errors import CheckpointError
 # Files a hub download fetches: config, weights, tokenizer. Never *.bin (pickle) or optimizer state.
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json"]
+                "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.txt", "spiece.model"]
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -161,19 +161,56 @@ def _open_hf_dir(path: str, source: str) -> Checkpoint:
     return Checkpoint(source=source, config=config, shapes=shapes, files=files, get=get, tokenizer_path=path)
 
 
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (hub and transformers messages span several), cut at ``limit``."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def offline_reason(local_files_only: bool) -> str | None:
+    """Why downloads are off, naming the setting that turned them off; None when they are on."""
+    from huggingface_hub import constants
+
+    if local_files_only:
+        return "local_files_only (--local-files-only) is set"
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE=1 is set"
+    return None
+
+
+def hub_error(repo_id: str, error: BaseException, local_files_only: bool = False) -> CheckpointError:
+    """The one-line error for a hub id that could not be opened, saying what actually failed: downloads
+    turned off (and by what), the hub unreachable (and why), or the hub's answer."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    if isinstance(error, LocalEntryNotFoundError):
+        off = offline_reason(local_files_only)
+        cause = error.__cause__
+        why = (off if off else f"the hub ({constants.ENDPOINT}) could not be reached: {one_line(cause)}"
+               if cause is not None else "the hub could not be reached")
+        return CheckpointError(f"{repo_id}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}), and {why}")
+    if isinstance(error, GatedRepoError):
+        return CheckpointError(f"{repo_id}: a gated repository; accept its terms on the hub and log in "
+                               "(`hf auth login`)")
+    if isinstance(error, RepositoryNotFoundError):
+        return CheckpointError(f"{repo_id}: no such repository on the hub (or a private one: log in with "
+                               "`hf auth login`)")
+    if isinstance(error, RevisionNotFoundError):
+        return CheckpointError(f"{repo_id}: the hub has no such revision ({one_line(error)})")
+    return CheckpointError(f"{repo_id}: cannot download from the Hugging Face hub ({constants.ENDPOINT}): "
+                           f"{type(error).__name__}: {one_line(error)}")
+
+
 def _download(repo_id: str, revision: str | None, local_files_only: bool) -> str:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
                                  local_files_only=local_files_only)
-    except LocalEntryNotFoundError as e:
-        raise CheckpointError(
-            f"{repo_id}: not in the local Hugging Face cache and downloads are off "
-            f"(local_files_only or HF_HUB_OFFLINE=1): {e}") from None
-    except Exception as e:  # network errors, missing repos, gated repos
-        raise CheckpointError(f"{repo_id}: cannot download from the Hugging Face hub: {e}") from None
+    except Exception as e:  # no network, downloads off, missing, gated or private repos: see hub_error
+        raise hub_error(repo_id, e, local_files_only) from None
 
 
 def default_model_path() -> str:

@@ -23,3 +23,8 @@ class BudgetError(OffloadError, ValueError):
 
 class ArtifactError(OffloadError, ValueError):
     """A profile, predictor or placement file that is invalid or belongs to another model."""
+
+
+class UsageError(OffloadError, ValueError):
+    """Arguments that cannot work, together or on this machine: an unknown or absent device, a dtype or
+    weight format offload does not have, a size that must be positive."""

@@ -43,6 +43,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 50
     top_p: float = 1.0
+    min_p: float | None = None
     repetition_penalty: float = 1.0
     eos_token_id: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
@@ -61,6 +62,8 @@ class SamplingConfig:
             bad("top_k", self.top_k, "an integer >= 0 (0 disables top-k)")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             bad("top_p", self.top_p, "a number in (0, 1]")
+        if self.min_p is not None and (not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1):
+            bad("min_p", self.min_p, "a number in [0, 1] (or None: off)")
         if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
             bad("repetition_penalty", self.repetition_penalty, "a number > 0 (1.0 means no penalty)")
         for s in self.stop_strings:
@@ -101,6 +104,15 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """transformers' MinPLogitsWarper: set to -inf every logit whose probability is below min_p times the
+    most likely token's (the most likely token always stays)."""
+    probs = logits.softmax(dim=-1)
+    remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(remove, float("-inf"))
+
+
 def next_tokens(logits: torch.Tensor, ids: torch.Tensor, cfg: SamplingConfig,
                 generator: torch.Generator | None) -> torch.Tensor:
     """Pick the next token for each row of logits [b, V] given the ids so far [b, t]."""
@@ -110,6 +122,8 @@ def next_tokens(logits: torch.Tensor, ids: torch.Tensor, cfg: SamplingConfig,
     if cfg.greedy:
         return logits.argmax(dim=-1)
     logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.min_p:  # after temperature, top-k and top-p, as transformers orders its warpers
+        logits = filter_min_p(logits, cfg.min_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
@@ -125,6 +139,18 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def check_prompt_fits(prompt_len: int, max_new_tokens: int, max_context: int) -> None:
+    """GenerationError unless a prompt of ``prompt_len`` tokens and ``max_new_tokens`` fit the context
+    (callers check this before expensive work too)."""
+    if prompt_len >= max_context:
+        raise GenerationError(f"input_ids: the prompt has {prompt_len} tokens but the model's context is "
+                              f"{max_context} tokens (max_position_embeddings); shorten the prompt")
+    if prompt_len + max_new_tokens > max_context:
+        raise GenerationError(f"max_new_tokens={max_new_tokens}: the prompt ({prompt_len} tokens) plus the new "
+                              f"tokens exceed the context of {max_context}; at most "
+                              f"{max_context - prompt_len} new tokens fit")
 
 
 @torch.inference_mode()
@@ -147,13 +173,7 @@ def generate(model, input_ids: torch.Tensor, cfg: SamplingConfig, *, max_context
     if cfg.stop_strings and tokenizer is None:
         raise GenerationError("stop_strings: needs a tokenizer to decode the generated text")
     b, prompt_len = input_ids.shape
-    if prompt_len >= max_context:
-        raise GenerationError(f"input_ids: the prompt has {prompt_len} tokens but the model's context is "
-                              f"{max_context} tokens (max_position_embeddings); shorten the prompt")
-    if prompt_len + cfg.max_new_tokens > max_context:
-        raise GenerationError(f"max_new_tokens={cfg.max_new_tokens}: the prompt ({prompt_len} tokens) plus the new "
-                              f"tokens exceed the context of {max_context}; at most "
-                              f"{max_context - prompt_len} new tokens fit")
+    check_prompt_fits(prompt_len, cfg.max_new_tokens, max_context)
     stats = GenerationStats(prompt_tokens=b * prompt_len)
     ids = input_ids.to(torch.int64)
     if streamer is not None:

@@ -194,7 +194,7 @@ def profile_model(model, ids: torch.Tensor, *, density: float | None = None, win
             thr_sum[i] += float(top.values.min(-1).values.sum())
         seen[i] += a.shape[0]
 
-    _run_tapped(net, wins, hook, "profile", progress)
+    _run_tapped(net, wins, hook, "profile: count activations", progress)
     thresholds = None if density is None else [s / max(1, t) for s, t in zip(thr_sum, seen)]
     return Profile(identity, kind, [c.numpy() for c in counts], seen, density, thresholds, int(wins.shape[1]),
                    source, source_digest, {"n": n})
@@ -211,5 +211,5 @@ def capture_ffn_inputs(model, wins: torch.Tensor, *, dtype: torch.dtype = torch.
     def hook(i, x, act):
         chunks[i].append(x.reshape(-1, x.shape[-1]).to(dtype).cpu())
 
-    _run_tapped(net, wins, hook, "capture", progress)
+    _run_tapped(net, wins, hook, "capture FFN inputs", progress)
     return [torch.cat(c) for c in chunks]

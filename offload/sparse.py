@@ -39,6 +39,10 @@ from offload.models.common import FFNModule
 from offload.models.ffn_kind import FFNKind, activation as ffn_activation
 
 EXACT_KINDS = tuple(k.value for k in FFNKind if k.exact_sparsity)  # inactive neurons contribute exactly 0
+# Byte budgets (prepare's max_bytes) count the FFN at fp32, 4 bytes a weight, in every storage format: the
+# predictor's bytes do not shrink with the rows', so against fp16 rows it would count double and force a
+# lower density (worse perplexity) on the format that reads fewer bytes.
+REFERENCE_ITEMSIZE = 4
 
 
 class SparsityError(OffloadError, ValueError):
@@ -304,14 +308,23 @@ def sparse_stats(model, reset: bool = False) -> dict:
     return out
 
 
-def ffn_dense_bytes(model) -> list[int]:
-    """Per layer: bytes of the FFN weights one dense token reads (weights only, biases left out)."""
+def ffn_dense_bytes(model, itemsize: int | None = None) -> list[int]:
+    """Per layer: bytes of the FFN weights one dense token reads (weights only, biases left out), as
+    stored, or at ``itemsize`` bytes a weight (REFERENCE_ITEMSIZE: the fp32 FFN that byte budgets
+    are counted against, whatever the storage format)."""
     net = _net(model)
-    return [ffn_weights(layer.mlp).neuron_bytes * ffn_weights(layer.mlp).n for layer in net.layers]
+    out = []
+    for layer in net.layers:
+        w = ffn_weights(layer.mlp)
+        per = w.neuron_bytes if itemsize is None else w.neuron_bytes // w.up.element_size() * itemsize
+        out.append(per * w.n)
+    return out
 
 
-def ffn_bytes_fraction(model, densities: Sequence[float], predictor_bytes: Sequence[int] | None = None) -> float:
-    """FFN bytes touched per token as a fraction of dense: Σ_l (predictor_l + density_l·dense_l) / Σ_l dense_l."""
-    dense = ffn_dense_bytes(model)
+def ffn_bytes_fraction(model, densities: Sequence[float], predictor_bytes: Sequence[int] | None = None,
+                       itemsize: int | None = None) -> float:
+    """FFN bytes touched per token as a fraction of dense: Σ_l (predictor_l + density_l·dense_l) / Σ_l dense_l,
+    dense bytes as stored or at ``itemsize`` bytes a weight (see ffn_dense_bytes)."""
+    dense = ffn_dense_bytes(model, itemsize)
     pred = list(predictor_bytes) if predictor_bytes is not None else [0] * len(dense)
     return sum(p + dn * b for p, dn, b in zip(pred, densities, dense)) / sum(dense)

@@ -13,8 +13,10 @@ _UNITS = {
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
-def parse_memory_size(value: int | float | str, *, name: str = "gpu_memory") -> int:
+def parse_memory_size(value: int | float | str, *, name: str = "gpu_memory", allow_zero: bool = False) -> int:
     """Bytes from an int, or a string such as ``"8GiB"``, ``"7.5GB"``, ``"512MiB"``, ``"1000000"``.
+    ``allow_zero``: 0 is a valid size (``0``, ``"0"``, ``"0GB"`` and ``"0GiB"`` alike), e.g. a GPU
+    budget of nothing; otherwise a size must be positive.
 
     >>> parse_memory_size("8GiB")
     8589934592
@@ -24,8 +26,8 @@ def parse_memory_size(value: int | float | str, *, name: str = "gpu_memory") -> 
     if isinstance(value, bool):
         raise BudgetError(f"{name}: expected a byte count or a string like '8GiB', got {value!r}")
     if isinstance(value, (int, float)):
-        if value <= 0 or value != value:
-            raise BudgetError(f"{name}: expected a positive number of bytes, got {value!r}")
+        if value < 0 or value != value or (value == 0 and not allow_zero):
+            raise BudgetError(f"{name}: expected a {_size_kind(allow_zero)} number of bytes, got {value!r}")
         return int(value)
     if not isinstance(value, str):
         raise BudgetError(f"{name}: expected a byte count or a string like '8GiB', got {type(value).__name__}")
@@ -42,9 +44,13 @@ def parse_memory_size(value: int | float | str, *, name: str = "gpu_memory") -> 
             "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
         )
     size = int(number * _UNITS[unit])
-    if size <= 0:
-        raise BudgetError(f"{name}: expected a positive size, got {value!r}")
+    if size < 0 or (size == 0 and not (allow_zero and number == 0)):
+        raise BudgetError(f"{name}: expected a {_size_kind(allow_zero)} size, got {value!r}")
     return size
+
+
+def _size_kind(allow_zero: bool) -> str:
+    return "positive (or zero)" if allow_zero else "positive"
 
 
 def format_bytes(size: int | float) -> str:

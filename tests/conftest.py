@@ -16,6 +16,26 @@ TINY_LLAMA = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidde
                   num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 
+# A character-level tokenizer for the tiny models' 97 ids: 3 special tokens, newline and 93 printable
+# ASCII characters, with a ChatML-style template (tests of text prompts, prepare from text, and chat).
+TINY_SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_tiny_tokenizer(path) -> None:
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = TINY_SPECIAL + ["\n"] + [chr(i) for i in range(32, 125)]
+    core = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()  # characters back to text without separators
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<|im_end|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(path)
+
+
 def _save(model, path, shard: str | None = None):
     model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
     return str(path)
@@ -32,6 +52,11 @@ def make_tiny_checkpoint(kind: str, path) -> str:
     if kind == "llama_relu":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_LLAMA, hidden_act="relu"))
         return _save(model, path)
+    if kind == "llama_chat":  # SwiGLU with a tokenizer and chat template, context long enough for prepare
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**TINY_LLAMA, "max_position_embeddings": 512}))
+        _save(model, path)
+        save_tiny_tokenizer(path)
+        return str(path)
     if kind == "llama_tied":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**TINY_LLAMA, "tie_word_embeddings": True}))
         return _save(model, path)
@@ -67,6 +92,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def fast_prepare(monkeypatch, tmp_path):
+    """A fresh artifact cache (returned) and a prepare() that profiles and tunes on a few hundred tokens:
+    the default settings' cache folder, built in seconds on the tiny models."""
+    import functools
+
+    import offload.prepare as prep
+
+    cache = tmp_path / "offload-cache"
+    monkeypatch.setenv("OFFLOAD_CACHE", str(cache))
+    monkeypatch.setattr(prep, "prepare_from_tokens", functools.partial(
+        prep.prepare_from_tokens, profile_tokens=512, tune_tokens=256, report_tokens=256, train_tokens=512,
+        epochs=2, ranks=[8]))
+    return cache
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,10 @@ import torch
 from offload.checkpoint import open_checkpoint
 from offload.corpus import CorpusError, default_corpus, load_corpus, require_tokens, tokenize, windows
 from offload.errors import ArtifactError
-from offload.evaluate import add_eval_arguments, evaluate
-from offload.prepare import (OPERATING_POINT_FILE, PREDICTOR_FILE, PROFILE_FILE, add_prepare_arguments, load_prepared,
-                             prepare_from_tokens)
+from offload.cli.evaluate import add_arguments as add_eval_arguments
+from offload.cli.prepare import add_arguments as add_prepare_arguments
+from offload.evaluate import evaluate
+from offload.prepare import OPERATING_POINT_FILE, PREDICTOR_FILE, PROFILE_FILE, load_prepared, prepare_from_tokens
 from offload.loading import build_model
 from offload.sparse import SparsityError, is_sparse
 
@@ -153,8 +154,8 @@ def test_smollm2_int4_shadow_close_to_oracle(smollm2_ours):
 
 
 def test_cli_bad_arguments_fail_before_loading_the_model(tmp_path):
-    from offload.evaluate import run_eval
-    from offload.prepare import run_prepare
+    from offload.cli.evaluate import run as run_eval
+    from offload.cli.prepare import run as run_prepare
 
     p = argparse.ArgumentParser()
     add_eval_arguments(p)

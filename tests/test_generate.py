@@ -102,3 +102,28 @@ def test_cli_generate_in_a_fresh_process(smollm2_gguf):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Paris" in proc.stdout and "decode:" in proc.stderr, (proc.stdout, proc.stderr[-1000:])
+
+
+def test_min_p_matches_transformers_warper():
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    from offload.generation import filter_min_p
+
+    logits = torch.randn(3, 60, generator=torch.Generator().manual_seed(1)) * 3
+    for min_p in (0.0, 0.05, 0.3, 1.0):
+        expected = MinPLogitsWarper(min_p)(torch.zeros(3, 1, dtype=torch.long), logits.clone())
+        assert torch.equal(filter_min_p(logits, min_p), expected), min_p
+
+
+def test_min_p_one_keeps_only_the_most_likely_token(tiny_checkpoint):
+    """min_p=1 after temperature keeps only the most likely token: sampling then equals greedy decoding."""
+    from offload import OffloadedModel
+
+    m = OffloadedModel.from_pretrained(tiny_checkpoint("llama"), progress=False)
+    ids = torch.tensor([[5, 17, 3, 42]])
+    greedy = m.generate(ids, max_new_tokens=8, eos_token_id=[])
+    sampled = m.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.5, min_p=1.0, seed=3, eos_token_id=[])
+    assert sampled.tolist() == greedy.tolist()
+    loose = [m.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.5, min_p=0.0, seed=s, eos_token_id=[])
+             for s in range(3)]
+    assert any(x.tolist() != greedy.tolist() for x in loose)  # without it, sampling does differ

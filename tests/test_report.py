@@ -9,14 +9,15 @@ import pytest
 
 from offload.errors import ArtifactError, BudgetError, CheckpointError, OffloadError
 from offload.place.report import build_report, format_report_table, gpu_bandwidth, plot_report
-from offload.place.report_cli import add_report_arguments, load_profile_frequencies, model_sizes, run_report
+from offload.cli.report import add_arguments as add_report_arguments, run as run_report
+from offload.place.report_cli import load_profile_frequencies, model_sizes
 
 CONFIG = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 256,
           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
 TOP_KEYS = {"schema", "model", "model_identity", "model_type", "dtype", "cpu_dtype", "context", "batch",
             "budget_bytes", "frequencies", "profile", "density", "memory", "placement", "layers", "roofline"}
 MEMORY_KEYS = {"gpu", "gpu_fixed_bytes", "gpu_hot_ffn_bytes", "gpu_total_bytes", "gpu_free_bytes",
-               "cpu_cold_ffn_bytes", "cpu_other_bytes"}
+               "cpu_cold_ffn_bytes", "cpu_other_bytes", "cpu_device_fixed_bytes"}
 ROOFLINE_KEYS = {"gpu", "gpu_bandwidth", "gpu_bandwidth_source", "cpu_bandwidth", "cpu_bandwidth_source",
                  "gpu_bytes_per_token", "cpu_bytes_per_token", "pcie_bytes_per_token", "gpu_ms", "cpu_ms",
                  "tokens_per_s", "bound", "dense_cpu_tokens_per_s"}

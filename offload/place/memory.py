@@ -107,23 +107,35 @@ class MemoryPlan:
         """Raise BudgetError (budget, need by role, shortfall, what to try) if the fixed part
         does not fit ``budget``."""
         if self.fixed_bytes > budget:
-            raise budget_error(budget, self.fixed_bytes, self.device_bytes, self.context, self.batch)
+            raise budget_error(budget, self.fixed_bytes, self.device_bytes, self.context, self.batch, self.device)
 
 
 def budget_error(budget: int, need: int, breakdown: dict[str, int] | None = None, context: int | None = None,
-                 batch: int | None = None) -> BudgetError:
-    """The error for a budget below the non-FFN need; nothing has been allocated when it is raised."""
+                 batch: int | None = None, device: str = "cuda") -> BudgetError:
+    """The error for a budget below the non-FFN need; nothing has been allocated when it is raised.
+    What it suggests depends on ``device``: on the CPU, a budget of 0 (every FFN neuron cold) rather
+    than device='cpu', which is already the case; on a GPU, that the need counts the CUDA context."""
     parts = ""
     if breakdown:
         items = sorted(((v, k) for k, v in breakdown.items() if v), reverse=True)
         parts = ": " + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for v, k in items)
     ctx = f" for a context of {context} tokens" if context else ""
     ctx += f" × batch {batch}" if batch and batch > 1 else ""
+    if torch.device(device).type == "cpu":
+        where, note = "Device memory budget", " On device='cpu' no CUDA context is counted."
+        other = ("or a budget of 0 (gpu_memory=0 / --gpu-memory 0: every FFN neuron on the CPU's cold path, the "
+                 "fastest CPU-only setting)")
+    else:
+        where, note = "GPU memory budget", ""
+        reserve = (breakdown or {}).get("context_reserve", 0)
+        if reserve:
+            note = f" The need counts {format_bytes(reserve)} for the CUDA context and allocator slack."
+        other = "or the CPU alone (device='cpu' with gpu_memory=0 / --device cpu --gpu-memory 0)"
     return BudgetError(
-        f"GPU memory budget {format_bytes(budget)} ({budget} bytes) is too small: the non-FFN part of the "
+        f"{where} {format_bytes(budget)} ({budget} bytes) is too small: the non-FFN part of the "
         f"model{ctx} needs {format_bytes(need)} ({need} bytes{parts}), a shortfall of "
         f"{format_bytes(need - budget)}. Try a shorter context (context= / --context), a larger budget "
-        f"(gpu_memory= / --gpu-memory), or device='cpu' to run everything on the CPU.")
+        f"(gpu_memory= / --gpu-memory), {other}.{note}")
 
 
 def _layer_of(name: str) -> int | None:

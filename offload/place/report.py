@@ -23,7 +23,8 @@ JSON schema (``--json``; ``schema`` = "offload.report/1"; bytes are ints, shares
      "memory": {"gpu": {role: bytes}  (embeddings, positions, attention, norms, head, projections,
                                       ffn_fixed, other, predictors, kv_cache, scratch, context_reserve),
                 "gpu_fixed_bytes", "gpu_hot_ffn_bytes", "gpu_total_bytes", "gpu_free_bytes",
-                "cpu_cold_ffn_bytes" (at cpu_dtype), "cpu_other_bytes"},
+                "cpu_cold_ffn_bytes" (at cpu_dtype), "cpu_other_bytes",
+                "cpu_device_fixed_bytes" (the fixed part with device='cpu': fp32, no CUDA context reserve)},
      "placement": {"method", "note", "min_hot_per_layer", "hot_neurons", "neurons", "gpu_share"},
      "layers": [{"layer", "neurons", "hot", "hot_pct", "gpu_mib", "gpu_share"}],
      "roofline": {"gpu", "gpu_bandwidth", "gpu_bandwidth_source": "table" | "given",
@@ -164,7 +165,10 @@ def build_report(config, *, budget, frequencies=None, density: float = 0.5, cont
                    "gpu_hot_ffn_bytes": placement.hot_bytes, "gpu_total_bytes": placement.total_bytes,
                    "gpu_free_bytes": placement.budget - placement.total_bytes,
                    "cpu_cold_ffn_bytes": cold * dtype_bytes(cpu_dtype),
-                   "cpu_other_bytes": sum(plan.host_bytes.values())},
+                   "cpu_other_bytes": sum(plan.host_bytes.values()),
+                   "cpu_device_fixed_bytes": plan_memory(config, dtype="float32", device="cpu", context=context,
+                                                         batch=batch, predictor_bytes=predictor_bytes,
+                                                         shapes=shapes).fixed_bytes},
         "placement": {"method": placement.method, "note": placement.note,
                       "min_hot_per_layer": placement.min_hot_per_layer, "hot_neurons": sum(placement.hot_counts),
                       "neurons": sum(plan.neurons), "gpu_share": placement.share},
@@ -188,6 +192,10 @@ def format_report_table(report: dict) -> str:
     out.append("GPU memory, fixed part (filled before any FFN row):")
     out += [f"  {k.replace('_', ' '):16s} {format_bytes(v):>12s}" for k, v in mem["gpu"].items() if v]
     out.append(f"  {'fixed total':16s} {format_bytes(mem['gpu_fixed_bytes']):>12s}")
+    if mem["gpu"].get("context_reserve"):
+        out.append(f"  (context reserve: the CUDA context and allocator slack, counted on a GPU only. With "
+                   f"--device cpu, generate counts none and keeps fp32 rows: its fixed part here is "
+                   f"{format_bytes(mem['cpu_device_fixed_bytes'])})")
     out.append(f"  {'hot FFN rows':16s} {format_bytes(mem['gpu_hot_ffn_bytes']):>12s}")
     out.append(f"  {'total':16s} {format_bytes(mem['gpu_total_bytes']):>12s} of {format_bytes(r['budget_bytes'])} "
                f"({format_bytes(mem['gpu_free_bytes'])} free)")

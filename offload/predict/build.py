@@ -78,7 +78,7 @@ def build_predictors(model, calibration: torch.Tensor | None = None, validation:
             raise SparsityError(f"bits={bits}: the shadow predictor supports 4 (groups of {group}) or 8 (per row)")
         density = check_density(density)
         layers = [ShadowPredictor.from_ffn(layer.mlp, bits=bits, group=group, density=density)
-                  for layer in tqdm(net.layers, desc="quantize", disable=not progress, leave=False)]
+                  for layer in tqdm(net.layers, desc=f"predictors: quantize to int{bits}, layer", disable=not progress, leave=False)]
         info = {"build": {"method": "shadow", "bits": bits, "group": group if bits == 4 else None,
                           "seconds": time.perf_counter() - t0}}
         return PredictorSet(identity, layers, info)
@@ -100,7 +100,7 @@ def build_predictors(model, calibration: torch.Tensor | None = None, validation:
             raise SparsityError("training low-rank predictors needs validation windows (or xs_val)")
         xs_val = capture_ffn_inputs(net, validation, progress=progress)
     layers, rows = [], []
-    for i, layer in enumerate(tqdm(net.layers, desc="train", disable=not progress, leave=False)):
+    for i, layer in enumerate(tqdm(net.layers, desc="predictors: train low-rank, layer", disable=not progress, leave=False)):
         pred, rep = train_lowrank(layer.mlp, xs_train[i], xs_val[i], recall_target=recall_target, ranks=ranks,
                                   epochs=epochs)
         layers.append(pred)
