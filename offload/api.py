@@ -163,7 +163,7 @@ class OffloadedModel:
         the hybrid's preparation (which can take minutes the first time), so that cheap checks such as a
         prompt's length fail first. Invalid arguments raise UsageError / BudgetError before anything loads."""
         from offload.cpu.decode import fuse_decode_blocks, warm_up
-        from offload.formats import WEIGHT_FORMATS, store_ffn_weights_fp16
+        from offload.formats import WEIGHT_FORMATS, format_name, store_ffn_weights_fp16
 
         budget = parse_memory_size(gpu_memory, allow_zero=True) if gpu_memory is not None else None
         device = _resolve_device(device)
@@ -177,8 +177,8 @@ class OffloadedModel:
         if weights not in WEIGHT_FORMATS:
             raise UsageError(f"weights={weights!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
         if device.type == "cpu" and dtype != torch.float32:
-            raise UsageError(f"dtype={dtype}: CPU decode computes in float32 (the default on the CPU); choose how "
-                             "weights are stored with weights= instead")
+            raise UsageError(f"dtype={str(dtype).removeprefix('torch.')!r}: CPU decode computes in fp32; use "
+                             "dtype='float32' (the default on the CPU) and choose how weights are stored with weights=")
         if weights not in ("auto", "float32", "float16") and device.type != "cpu":
             raise UsageError(f"weights={weights!r} is a CPU storage format; with a GPU the cold rows take "
                              "'float32' or 'float16'")
@@ -205,7 +205,8 @@ class OffloadedModel:
             if weights == "float16":  # the cold rows the CPU will hold: fp16 (the hybrid keeps their dtype)
                 store_ffn_weights_fp16(net)
         m = cls(net, load_tokenizer(ckpt), ckpt, device=torch.device("cpu"), gpu_memory=budget, threads=threads)
-        m.weights = weights
+        # "auto" resolved to what was loaded: the key of the prepared artifacts (fp32 cold rows on a GPU run)
+        m.weights = format_name(net) if device.type == "cpu" else ("float16" if weights == "float16" else "float32")
         if before_offload is not None:
             before_offload(m)
         if budget is None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.errors import ArtifactError
-from offload.sparse import (EXACT_KINDS, REFERENCE_ITEMSIZE, SparsityError, _net, check_density, densify,
+from offload.sparse import (EXACT_KINDS, REFERENCE_ITEMSIZE, SparsityError, model_net, check_density, densify,
                             ffn_bytes_fraction, ffn_dense_bytes, ffn_weights, sparse_stats, sparsify)
 
 MIN_CALIBRATION_TOKENS = 1024  # four 256-token windows
@@ -31,7 +31,7 @@ def perplexity(model, wins: torch.Tensor, *, progress: bool = False, desc: str =
     window are predicted). Returns {"ppl", "nll", "tokens", "argmax" (LongTensor [m, t-1])}."""
     from tqdm.auto import tqdm
 
-    net = _net(model)
+    net = model_net(model)
     device = next(net.parameters()).device
     nll, count, argmax = 0.0, 0, []
     for w in tqdm(wins, desc=desc, disable=not progress, leave=False):
@@ -48,7 +48,7 @@ def greedy_generate(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
     steps are batch 1, one token)."""
     from offload.generation import SamplingConfig, generate
 
-    net = _net(model)
+    net = model_net(model)
     prompt = prompt.reshape(1, -1)
     ids, _ = generate(net, prompt, SamplingConfig(max_new_tokens=n), max_context=prompt.shape[1] + n)
     return ids[0, prompt.shape[1]:].cpu()
@@ -93,7 +93,7 @@ def evaluate(model, text_tokens: torch.Tensor, density=None, predictors=None, *,
     """
     from offload.corpus import require_tokens, windows
 
-    net = _net(model)
+    net = model_net(model)
     densify(net)
     t0 = time.perf_counter()
     layers = len(net.layers)

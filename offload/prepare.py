@@ -32,7 +32,7 @@ import torch
 
 from offload.errors import ArtifactError
 from offload.evaluate import MIN_CALIBRATION_TOKENS, MIN_VALIDATION_TOKENS, ffn_kind, perplexity
-from offload.sparse import (REFERENCE_ITEMSIZE, SparsityError, _net, densify, ffn_bytes_fraction, ffn_dense_bytes,
+from offload.sparse import (REFERENCE_ITEMSIZE, SparsityError, model_net, densify, ffn_bytes_fraction, ffn_dense_bytes,
                             ffn_weights, sparsify)
 
 PROFILE_FILE, PREDICTOR_FILE, OPERATING_POINT_FILE = "profile.safetensors", "predictor.safetensors", "operating_point.json"
@@ -57,7 +57,7 @@ def choose_density(model, predictors, wins: torch.Tensor, *, max_ppl_ratio: floa
     d_max, so a downward walk spends fewer perplexity passes than a bisection over (0, d_max]).
     If d_max itself misses the perplexity target it is taken anyway (the best perplexity the
     budget allows) with ``targets_met`` False."""
-    net = _net(model)
+    net = model_net(model)
     dense_bytes = ffn_dense_bytes(net, REFERENCE_ITEMSIZE)
     pred_frac = sum(predictors.layer_bytes) / sum(dense_bytes)
     n = ffn_weights(net.layers[0].mlp).n
@@ -164,7 +164,7 @@ def prepare_from_tokens(model, calibration: torch.Tensor, validation: torch.Tens
     from offload.profile import capture_ffn_inputs, profile_model
 
     log = log or (lambda *a: None)
-    net = _net(model)
+    net = model_net(model)
     densify(net)
     t_start = time.perf_counter()
     require_tokens(calibration, max(MIN_CALIBRATION_TOKENS, window), "the calibration text")
@@ -258,7 +258,7 @@ def predictor_design(model, method: str = "auto", bits: int = 4) -> str:
     """The predictor design's name in cache keys: ``shadow-int4``, ``shadow-int8`` or ``lowrank``."""
     from offload.predict import default_method
 
-    method = default_method(_net(model)) if method == "auto" else method
+    method = default_method(model_net(model)) if method == "auto" else method
     return f"shadow-int{bits}" if method == "shadow" else method
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from offload.corpus import windows as make_windows
 from offload.errors import ArtifactError
 from offload.models.common import FFNModule
-from offload.sparse import EXACT_KINDS, _net, check_density, ffn_down, ffn_weights, topk_count
+from offload.sparse import EXACT_KINDS, model_net, check_density, ffn_down, ffn_weights, topk_count
 
 FORMAT, VERSION = "offload.profile", "1"
 
@@ -52,7 +52,7 @@ class Tap(FFNModule):
 @contextmanager
 def tapped(model, hook):
     """Within the block, every layer's FFN calls ``hook(layer, x, act)``; restored afterwards."""
-    net = _net(model)
+    net = model_net(model)
     originals = [layer.mlp for layer in net.layers]
     try:
         for i, layer in enumerate(net.layers):
@@ -165,7 +165,7 @@ def profile_model(model, ids: torch.Tensor, *, density: float | None = None, win
     ``density``: required for SwiGLU (top-k per token); must be None for ReLU-family models, whose
     activity is exact. ``identity`` defaults to the OffloadedModel's checkpoint identity.
     """
-    net = _net(model)
+    net = model_net(model)
     identity = identity or getattr(getattr(model, "checkpoint", None), "identity", "") or ""
     kind = _ffn_kind(net)
     if kind in EXACT_KINDS:
@@ -205,7 +205,7 @@ def capture_ffn_inputs(model, wins: torch.Tensor, *, dtype: torch.dtype = torch.
                        progress: bool = False) -> list[torch.Tensor]:
     """Every layer's FFN input (after the FFN norm) for the tokens of ``wins`` [m, t]: a list of
     [m·t, d] tensors in ``dtype`` (memory: layers × tokens × d × element size)."""
-    net = _net(model)
+    net = model_net(model)
     chunks: list[list[torch.Tensor]] = [[] for _ in net.layers]
 
     def hook(i, x, act):

@@ -243,7 +243,7 @@ class SparseFFN(FFNModule):
         return f"layer={self.layer}, kind={self.kind}, n={self.n}, selector={type(self.selector).__name__}"
 
 
-def _net(model) -> nn.Module:
+def model_net(model) -> nn.Module:
     """The nn.Module of an OffloadedModel, or the module itself."""
     net = getattr(model, "model", model)
     if not hasattr(net, "layers"):
@@ -259,7 +259,7 @@ def sparsify(model, predictors="oracle", density=None) -> nn.Module:
     ``density``: None (the predictors' own operating point; exact sparsity for oracle on ReLU
     models), a float in (0, 1], or one per layer. Calling it again replaces the previous selectors.
     """
-    net = _net(model)
+    net = model_net(model)
     layers = len(net.layers)
     density = check_density(density, layers)
     per_layer = density if isinstance(density, list) else [density] * layers
@@ -281,7 +281,7 @@ def sparsify(model, predictors="oracle", density=None) -> nn.Module:
 
 def densify(model) -> nn.Module:
     """Undo :func:`sparsify`: put each layer's original FFN back."""
-    net = _net(model)
+    net = model_net(model)
     for layer in net.layers:
         if isinstance(layer.mlp, SparseFFN):
             layer.mlp = layer.mlp.dense
@@ -289,13 +289,13 @@ def densify(model) -> nn.Module:
 
 
 def is_sparse(model) -> bool:
-    return any(isinstance(layer.mlp, SparseFFN) for layer in _net(model).layers)
+    return any(isinstance(layer.mlp, SparseFFN) for layer in model_net(model).layers)
 
 
 def sparse_stats(model, reset: bool = False) -> dict:
     """{"density": neurons computed / (tokens·n) over all layers, "layers": per-layer densities,
     "tokens": tokens seen} since the last reset."""
-    net = _net(model)
+    net = model_net(model)
     mods = [layer.mlp for layer in net.layers if isinstance(layer.mlp, SparseFFN)]
     per = [m.selected / max(1, m.tokens * m.n) for m in mods]
     total_sel = sum(m.selected for m in mods)
@@ -312,7 +312,7 @@ def ffn_dense_bytes(model, itemsize: int | None = None) -> list[int]:
     """Per layer: bytes of the FFN weights one dense token reads (weights only, biases left out), as
     stored, or at ``itemsize`` bytes a weight (REFERENCE_ITEMSIZE: the fp32 FFN that byte budgets
     are counted against, whatever the storage format)."""
-    net = _net(model)
+    net = model_net(model)
     out = []
     for layer in net.layers:
         w = ffn_weights(layer.mlp)

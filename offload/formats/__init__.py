@@ -63,7 +63,7 @@ def linear_for(weights: str, dense: torch.Tensor | None, bias: torch.Tensor | No
     rows), used instead of ``dense``."""
     weights = check_weight_format(weights)
     if weights == "auto" and raw_parts:
-        return PackedLinear(_packed_from_raw(raw_parts), bias, threads)
+        return PackedLinear(_packed_from_raw(raw_parts), bias, threads, source="gguf")
     if weights == "auto":
         weights = "float16" if dense.dtype in (torch.float16, torch.bfloat16) else "float32"
     if weights == "float32":
@@ -74,7 +74,7 @@ def linear_for(weights: str, dense: torch.Tensor | None, bias: torch.Tensor | No
     if dense.shape[1] % 32:
         raise ValueError(f"weights={weights!r} quantizes groups of 32 input columns; this matrix has "
                          f"{dense.shape[1]} (use float16)")
-    return PackedLinear(quantize(dense.detach().float().numpy(), bits), bias, threads)
+    return PackedLinear(quantize(dense.detach().float().numpy(), bits), bias, threads, source=weights)
 
 
 def embedding_for(weights: str, dense: torch.Tensor | None, raw=None) -> nn.Module:
@@ -92,7 +92,7 @@ def embedding_for(weights: str, dense: torch.Tensor | None, raw=None) -> nn.Modu
 def tied_head(embedding: nn.Module, weights: str, threads: int) -> CpuLinear:
     """The output head of a tied model, reading the embedding's own storage (one table in memory)."""
     if isinstance(embedding, PackedEmbedding):
-        return PackedLinear(embedding.packed, None, threads)
+        return PackedLinear(embedding.packed, None, threads, source="gguf")
     return linear_for(weights, embedding.weight, None, threads)
 
 
@@ -114,6 +114,19 @@ def apply_weight_format(model: nn.Module, weights: str, threads: int) -> nn.Modu
     if tied:
         model.lm_head = tied_head(model.embed, weights, threads)
     return model
+
+
+def format_name(model: nn.Module) -> str:
+    """The storage format a CPU model's FFN weights are in: "float32", "float16", "int8", "int4", or
+    "gguf" (a GGUF's packed blocks as stored; what "auto" gives for a quantized GGUF). Prepared artifacts
+    are keyed by it, so "auto" on an fp32 checkpoint shares "float32"'s."""
+    lin = model.layers[0].mlp
+    lin = getattr(lin, "down", None) or getattr(lin, "fc2", None)
+    if isinstance(lin, PackedLinear):
+        return lin.source
+    if isinstance(lin, Float16Linear):
+        return "float16"
+    return "float32"
 
 
 def store_ffn_weights_fp16(model: nn.Module) -> nn.Module:
@@ -164,5 +177,5 @@ def decode_bytes(model: nn.Module) -> int:
 
 
 __all__ = ["QUANTIZED_BITS", "WEIGHT_FORMATS", "CpuLinear", "Float16Linear", "Float32Linear", "PackedEmbedding",
-           "PackedLinear", "apply_weight_format", "check_weight_format", "decode_bytes", "embedding_for",
+           "PackedLinear", "apply_weight_format", "check_weight_format", "decode_bytes", "embedding_for", "format_name",
            "linear_for", "set_threads", "store_ffn_weights_fp16", "tied_head"]

@@ -49,10 +49,10 @@ class PackedLinear(CpuLinear):
     are stored in different formats (a fused q/k/v whose v is Q8_0 and q, k Q5_0); bias fp32 or None."""
 
     def __init__(self, packed: PackedMatrix | list[PackedMatrix], bias: torch.Tensor | None = None,
-                 threads: int = 1):
+                 threads: int = 1, source: str = "gguf"):
         parts = list(packed) if isinstance(packed, (list, tuple)) else [packed]
         super().__init__(parts[0].cols, sum(P.rows for P in parts), bias, threads)
-        self.parts = parts
+        self.parts, self.source = parts, source  # source: "gguf" (a file's blocks) or "int4" / "int8"
         ops = tuple(packed_operand(P) for P in parts)
         self.operand = ops[0] if len(ops) == 1 else ops
 

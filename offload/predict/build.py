@@ -21,11 +21,11 @@ import torch
 from offload.predict.base import PredictorSet, recall_density
 from offload.predict.lowrank import train_lowrank
 from offload.predict.shadow import ShadowPredictor
-from offload.sparse import EXACT_KINDS, SparsityError, _net, check_density, ffn_weights, true_activity
+from offload.sparse import EXACT_KINDS, SparsityError, model_net, check_density, ffn_weights, true_activity
 
 
 def default_method(model) -> str:
-    kind = ffn_weights(_net(model).layers[0].mlp).kind
+    kind = ffn_weights(model_net(model).layers[0].mlp).kind
     return "lowrank" if kind in EXACT_KINDS else "shadow"
 
 
@@ -38,7 +38,7 @@ def _layer_density(pred, density):
 @torch.inference_mode()
 def layer_report(predictors: PredictorSet, model, xs_val: list[torch.Tensor], density=None) -> list[dict]:
     """Per layer: recall, predicted density, true density, precision on FFN inputs xs_val[i] [T, d]."""
-    net = _net(model)
+    net = model_net(model)
     density = check_density(density, len(net.layers))
     per = density if isinstance(density, list) else [density] * len(net.layers)
     rows = []
@@ -66,7 +66,7 @@ def build_predictors(model, calibration: torch.Tensor | None = None, validation:
     trained predictors)."""
     from tqdm.auto import tqdm
 
-    net = _net(model)
+    net = model_net(model)
     identity = identity or getattr(getattr(model, "checkpoint", None), "identity", "") or ""
     method = default_method(net) if method == "auto" else method
     kind = ffn_weights(net.layers[0].mlp).kind
