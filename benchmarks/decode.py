@@ -35,103 +35,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import os
-import platform
-import statistics
 import time
-from dataclasses import dataclass
-from typing import Callable
 
-
-
-# ---------------------------------------------------------------- pure pieces (tested without a model)
-
-def mean_sd(values) -> tuple[float, float]:
-    """(mean, population sd); sd is 0 for a single value."""
-    values = list(values)
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.mean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
-
-
-def roofline_tokens_per_s(bandwidth: float, bytes_per_token: float) -> float:
-    """Bandwidth-bound decode rate: bytes/s ÷ bytes/token."""
-    return bandwidth / bytes_per_token if bytes_per_token else float("nan")
-
-
-def roofline_fraction(tokens_per_s: float, bandwidth: float, bytes_per_token: float | None) -> float | None:
-    """Measured t/s as a share of the bandwidth roofline (None when bytes are unknown)."""
-    if not bytes_per_token or not bandwidth:
-        return None
-    return tokens_per_s / roofline_tokens_per_s(bandwidth, bytes_per_token)
-
-
-def hybrid_bytes_per_token(non_ffn_bytes: int, ffn_bytes_counted: int, steps: int, predictor_bytes: int) -> float:
-    """Weights read per hybrid decode token: the non-FFN weights, the FFN bytes HybridStats counted over
-    ``steps`` decode steps (hot + cold), and every layer's predictor."""
-    return non_ffn_bytes + ffn_bytes_counted / max(steps, 1) + predictor_bytes
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def human_count(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return str(n)
-
-
-def make_row(*, model: str, size: int, params: int, backend: str, budget, test: str, runs, base_mean=None,
-             bytes_per_token=None, bandwidth=None, peak_gpu_bytes=None) -> dict:
-    """One result row. ``base_mean``: the transformers mean for the same test (ratio column)."""
-    m, sd = mean_sd(runs)
-    frac = roofline_fraction(m, bandwidth, bytes_per_token) if test.startswith("tg") else None
-    return {"model": model, "size_bytes": int(size), "params": int(params), "backend": backend,
-            "budget_bytes": budget, "test": test, "tokens_per_s_mean": m, "tokens_per_s_sd": sd,
-            "runs": list(runs), "ratio_to_transformers": (m / base_mean) if base_mean else None,
-            "bytes_per_token": bytes_per_token if test.startswith("tg") else None,
-            "roofline_fraction": frac, "peak_gpu_bytes": peak_gpu_bytes}
-
-
-def format_markdown(rows, skipped=(), info=None, notes=()) -> str:
-    head = ["model", "size", "params", "backend", "budget", "test", "t/s", "× transformers",
-            "bytes/token", "of roofline"]
-    peak = any(r.get("peak_gpu_bytes") is not None for r in rows)
-    head += ["peak GPU"] if peak else []
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
-        ratio = f"{r['ratio_to_transformers']:.2f}" if r.get("ratio_to_transformers") is not None else "—"
-        frac = f"{100 * r['roofline_fraction']:.0f}%" if r.get("roofline_fraction") is not None else "—"
-        budget = human_bytes(r["budget_bytes"]) if r.get("budget_bytes") is not None else "—"
-        out.append(f"| {r['model']} | {human_bytes(r['size_bytes'])} | {human_count(r['params'])} | {r['backend']} | "
-                   f"{budget} | {r['test']} | {r['tokens_per_s_mean']:.2f} ± {r['tokens_per_s_sd']:.2f} | {ratio} | "
-                   f"{human_bytes(r.get('bytes_per_token'))} | {frac} |"
-                   + (f" {human_bytes(r.get('peak_gpu_bytes'))} |" if peak else ""))
-    for name, reason in skipped:
-        out.append(f"\nskipped {name}: {reason}")
-    for n in notes:
-        out.append(f"\n{n}")
-    if info:
-        out.append("\n" + ", ".join(f"{k} {v}" for k, v in info.items()))
-    return "\n".join(out)
-
-
-def format_json(rows, skipped=(), info=None, extra=None) -> str:
-    info = info or {}
-    doc = {"machine": info, "rows": [{**r, **{f"machine_{k}": v for k, v in info.items()}} for r in rows],
-           "skipped": [{"backend": n, "reason": why} for n, why in skipped]}
-    if extra:
-        doc.update(extra)
-    return json.dumps(doc, indent=2, default=float)
+from decode_cpu import CPU_ENGINES, DEFAULT_CPU_ENGINES, Engine, main_cpu, run_reps, unique_param_bytes
+from machine import machine_info
+from table import (format_json, format_markdown, human_bytes, hybrid_bytes_per_token, make_row, mean_sd,
+                   roofline_tokens_per_s)
 
 
 def detected_gpu(name: str) -> str | None:
@@ -146,31 +56,7 @@ def detected_gpu(name: str) -> str | None:
     return name
 
 
-def machine_info(threads: int, bandwidth: float, bandwidth_source: str) -> dict:
-    import torch
-
-    return {"cpu_count": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "cuda": torch.cuda.is_available(), "platform": platform.platform(),
-            "cpu_bandwidth_GBps": round(bandwidth / 1e9, 2), "cpu_bandwidth_source": bandwidth_source,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 # ---------------------------------------------------------------- engines
-
-def unique_param_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())  # parameters() dedupes tied
-
-
-@dataclass
-class Engine:
-    """One row group: ``pp()`` and ``tg(n)`` return tokens/s; ``bytes_per_token()`` is read after the runs."""
-
-    name: str
-    pp: Callable[[], float]
-    tg: Callable[[int], float]
-    bytes_per_token: Callable[[], float | None]
-    budget: int | None = None
-
 
 def build_engines(args, path, log, meter):
     """(engines, skipped, context): every engine this machine can run, and why the others are skipped.
@@ -285,6 +171,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--cpu-bandwidth", type=float, default=None, help="bytes/s (default: measured)")
+    ap.add_argument("--engines", default=DEFAULT_CPU_ENGINES,
+                    help=f"CPU engines, comma-separated, from {', '.join(CPU_ENGINES)} (default {DEFAULT_CPU_ENGINES}); "
+                         "dense-auto / hybrid-auto keep a GGUF's quantized blocks as stored")
+    ap.add_argument("--busy-core", action="store_true",
+                    help="also measure our fastest engine and llama.cpp with another process spinning on one core")
+    ap.add_argument("--busy-threads", type=int, default=1, help="threads for the --busy-core runs (default 1)")
+    ap.add_argument("--rss", action="store_true",
+                    help="also measure the peak RSS of loading and generating with the weights as stored")
     import baselines as bl  # benchmarks/ is on sys.path
 
     bl.add_prepare_options(ap)
@@ -311,24 +205,17 @@ def main(argv=None) -> int:
     else:
         bw, bw_src = measure_cpu_bandwidth(), "measured"
     log(f"CPU bandwidth {bw / 1e9:.2f} GB/s ({bw_src}); loading {name}")
+    if args.device == "cpu":
+        return main_cpu(args, path, name, bw, bw_src, t_start, log)
     meter = bl.DevicePeak(args.device == "cuda")
     engines, skipped, ctx = build_engines(args, path, log, meter)
     dense = ctx["dense"]
     params = sum(p.numel() for p in dense.model.parameters())
     log(f"engines: {', '.join(e.name for e in engines)}")
 
-    runs = {(e.name, t): [] for e in engines for t in ("pp", "tg")}
     cuda = args.device == "cuda"
     with torch.inference_mode():
-        for e in engines:  # warm-up
-            meter.run(e.name, e.pp)
-            meter.run(e.name, e.tg, 4)
-        for rep in range(args.reps):
-            for e in engines:
-                runs[(e.name, "pp")].append(meter.run(e.name, e.pp))
-                runs[(e.name, "tg")].append(meter.run(e.name, e.tg, args.tg))
-            log(f"rep {rep + 1}/{args.reps}: tg t/s " + ", ".join(f"{e.name} {runs[(e.name, 'tg')][-1]:.1f}"
-                                                               for e in engines))
+        runs = run_reps(engines, args, log, meter)
     bpt = {e.name: e.bytes_per_token() for e in engines}
     rows = []
     cpu_only = args.device == "cpu"

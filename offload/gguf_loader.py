@@ -1,7 +1,8 @@
 """GGUF checkpoints (llama.cpp's format) opened as HF-named fp32 tensors.
 
-Metadata becomes a HF-style config dict; tensors are dequantized with the ``gguf`` package one at a
-time when asked for. llama.cpp's converter permutes the rows of LLaMA's q and k projections (its
+Metadata (offload.gguf_header) becomes a HF-style config dict; a tensor is read from the file when asked
+for: as stored (``raw``: a quantized tensor's blocks, for the packed formats) or dequantized with the
+``gguf`` package (``get``). llama.cpp's converter permutes the rows of LLaMA's q and k projections (its
 RoPE pairs adjacent dims, HF's pairs the two halves); we undo that so the weights match HF's.
 Qwen2 (``qwen2``: q/k/v biases, its own rope θ) is converted without that permutation, because
 llama.cpp runs it with the NeoX (halves) rope, which is HF's.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 
 import numpy as np
 import torch
@@ -46,30 +48,30 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+def config_from_gguf(fields: dict, tensors, path: str) -> dict:
+    """A HF-style config dict from a GGUF's metadata (offload.gguf_header.read_gguf_header's output)."""
+    def _field(key, default=None):
+        value = fields.get(key)
+        return default if value is None else value
 
-
-def config_from_gguf(reader, path: str) -> dict:
-    arch = _field(reader, "general.architecture")
+    arch = _field("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported; "
                                     f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in tensors}
     if "rope_freqs.weight" in names:
         raise UnsupportedModelError(f"{path}: GGUF with a rope_freqs tensor (LLaMA-3.1 rope scaling) is not "
                                     "supported; load the HF checkpoint instead")
 
     def need(key):
-        value = _field(reader, f"{arch}.{key}")
+        value = _field(f"{arch}.{key}")
         if value is None:
             raise CheckpointError(f"{path}: GGUF metadata lacks {arch}.{key}")
         return value
 
     heads = int(need("attention.head_count"))
-    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    vocab = int(_field(reader, f"{arch}.vocab_size", int(embed.shape[-1])))
+    embed = next(t for t in tensors if t.name == "token_embd.weight")
+    vocab = int(_field(f"{arch}.vocab_size", int(embed.shape[0])))
     config = {
         "model_type": arch, "hidden_act": "silu",
         "vocab_size": vocab,
@@ -77,18 +79,18 @@ def config_from_gguf(reader, path: str) -> dict:
         "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
-        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "num_key_value_heads": int(_field(f"{arch}.attention.head_count_kv", heads)),
+        "max_position_embeddings": int(_field(f"{arch}.context_length", 2048)),
+        "rms_norm_eps": float(_field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_field(f"{arch}.rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": _field("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field("tokenizer.ggml.eos_token_id"),
     }
-    rope_dim = _field(reader, f"{arch}.rope.dimension_count")
+    rope_dim = _field(f"{arch}.rope.dimension_count")
     if rope_dim is not None:
         config["head_dim"] = int(rope_dim)
-    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    scaling = _field(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         if scaling != "linear":
             raise UnsupportedModelError(f"{path}: GGUF rope scaling {scaling!r} is not supported; supported: linear")
@@ -121,9 +123,9 @@ class FileRows:
 
 
 def read_tensor_bytes(path: str, tensor) -> np.ndarray:
-    """The stored bytes of a GGUFReader tensor, read from the file (not through the reader's memory map,
+    """The stored bytes of a tensor (offload.gguf_header.TensorInfo), read from the file (no memory map,
     whose touched pages would stay in the process's resident memory), as uint8 [rows, row_bytes]."""
-    rows = int(np.prod(tensor.shape[1:])) if len(tensor.shape) > 1 else 1
+    rows = int(np.prod(tensor.shape[:-1])) if len(tensor.shape) > 1 else 1
     buf = np.empty(int(tensor.n_bytes), np.uint8)
     with open(path, "rb") as f:
         f.seek(int(tensor.data_offset))
@@ -134,29 +136,29 @@ def read_tensor_bytes(path: str, tensor) -> np.ndarray:
 
 
 def open_gguf(path: str) -> Checkpoint:
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     from offload.checkpoint import RawTensor
+    from offload.gguf_header import read_gguf_header
 
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # gguf raises ValueError / struct errors on bad files
+        fields, tensors = read_gguf_header(path)
+    except (ValueError, OSError, struct.error) as e:
         raise CheckpointError(f"{path}: cannot read GGUF file ({e})") from None
-    config = config_from_gguf(reader, path)
+    config = config_from_gguf(fields, tensors, path)
     by_hf, shapes = {}, {}
-    for t in reader.tensors:
+    for t in tensors:
         name = hf_tensor_name(t.name)
         if name is None:
             raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name!r}")
         by_hf[name] = t
-        shapes[name] = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
+        shapes[name] = t.shape
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     permuted = config["model_type"] in _PERMUTED_QK
 
     def get(name: str) -> torch.Tensor:
         t = by_hf[name]
-        w = dequantize(read_tensor_bytes(path, t), t.tensor_type).astype(np.float32, copy=False).reshape(shapes[name])
+        w = dequantize(read_tensor_bytes(path, t), t.type).astype(np.float32, copy=False).reshape(shapes[name])
         if permuted and name.endswith("q_proj.weight"):
             w = unpermute_qk(w, heads)
         elif permuted and name.endswith("k_proj.weight"):
@@ -165,15 +167,14 @@ def open_gguf(path: str) -> Checkpoint:
 
     def raw(name: str):
         t = by_hf[name]
-        if t.tensor_type.name in FLOAT_TYPES or len(shapes[name]) != 2:
+        if t.type.name in FLOAT_TYPES or len(shapes[name]) != 2:
             return None
         cols = shapes[name][1]
         if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):  # whole quantized rows move: lossless
             n_head = heads if name.endswith("q_proj.weight") else kv_heads
-            return RawTensor(np.ascontiguousarray(unpermute_qk(read_tensor_bytes(path, t), n_head)),
-                             int(t.tensor_type), cols)
+            return RawTensor(np.ascontiguousarray(unpermute_qk(read_tensor_bytes(path, t), n_head)), int(t.type), cols)
         rows = shapes[name][0]
-        return RawTensor(FileRows(path, int(t.data_offset), rows, int(t.n_bytes) // rows), int(t.tensor_type), cols)
+        return RawTensor(FileRows(path, t.data_offset, rows, t.n_bytes // rows), int(t.type), cols)
 
     return Checkpoint(source=path, config=config, shapes=shapes, files={n: path for n in shapes}, get=get,
                       tokenizer_path=os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path),

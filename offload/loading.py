@@ -121,7 +121,8 @@ def _build_in_format(ckpt: Checkpoint, weights: str, threads: int, progress: boo
                     owner.set_bias(dense(names))
                 elif isinstance(owner, Embedding) and attr == "weight":
                     parts = raw(names)
-                    table = embedding_for(weights, None if parts else dense(names), parts[0] if parts else None)
+                    table = embedding_for(weights, None if parts else dense(names), parts[0] if parts else None,
+                                          tied=cfg.tie_word_embeddings)
                     setattr(parent, child, table)
                 else:
                     set_parameter(model, path, dense(names).to(torch.float32).contiguous())

@@ -143,6 +143,15 @@ def smollm2_gguf() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_ours(smollm2_gguf):
+    """Our engine in fp32 (weights="float32": transformers' numbers, the reference comparisons)."""
+    from offload import OffloadedModel
+
+    return OffloadedModel.from_pretrained(smollm2_gguf, weights="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_packed(smollm2_gguf):
+    """Our engine with the GGUF's blocks as stored (weights="auto", the default)."""
     from offload import OffloadedModel
 
     return OffloadedModel.from_pretrained(smollm2_gguf, progress=False)

@@ -1,5 +1,5 @@
-"""The pure pieces of benchmarks/decode.py: statistics, bytes/roofline arithmetic, table and JSON output.
-No model is loaded."""
+"""The pure pieces of benchmarks/decode.py (benchmarks/table.py): statistics, bytes/roofline arithmetic,
+table and JSON output; benchmarks/sweep.py's budgets and plot. No model is loaded."""
 import importlib.util
 import json
 import math
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "decode.py")
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "table.py")
 
 
 def _load(name, path):
@@ -19,7 +19,7 @@ def _load(name, path):
     return module
 
 
-bench = _load("bench_decode", _PATH)
+bench = _load("bench_table", _PATH)
 sweep = _load("bench_sweep", os.path.join(os.path.dirname(_PATH), "sweep.py"))
 
 

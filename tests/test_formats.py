@@ -99,7 +99,7 @@ def test_from_pretrained_weights_option(tiny_checkpoint):
     path = tiny_checkpoint("llama")
     with pytest.raises(ValueError, match="weights="):
         OffloadedModel.from_pretrained(path, weights="int3", progress=False)
-    with pytest.raises(ValueError, match="computes in float32"):
+    with pytest.raises(ValueError, match="computes in fp32"):
         OffloadedModel.from_pretrained(path, weights="float16", dtype="float16", progress=False)
     with pytest.raises(ValueError, match="threads=0"):
         OffloadedModel.from_pretrained(path, threads=0, progress=False)

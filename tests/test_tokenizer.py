@@ -49,3 +49,29 @@ def test_what_the_checkpoint_has_is_loaded(tiny_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match=r"broken: its tokenizer files \(tokenizer.model\) could not be loaded"):
         m.tokenizer("hi")
     assert "tokenizer.model" in TOKENIZER_FILES
+
+
+def test_converted_gguf_tokenizer_equals_autotokenizer(smollm2_gguf):
+    """A GGUF's tokenizer, converted once and reloaded from the cache as the plain fast tokenizer, encodes,
+    decodes and applies the chat template as transformers' AutoTokenizer does on the same files."""
+    from transformers import AutoTokenizer
+
+    from offload.checkpoint import open_checkpoint
+    from offload.tokenizer import converted_tokenizer, load_tokenizer
+
+    ckpt = open_checkpoint(smollm2_gguf)
+    load_tokenizer(ckpt)  # converts and caches, the first time
+    from offload.cache import model_cache_dir
+    import os
+
+    folder = os.path.join(model_cache_dir(ckpt.identity), "tokenizer")
+    ours, ref = converted_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    text = "Hello world! <|im_end|> ünïcödé\n  spaces"
+    assert ours(text)["input_ids"] == ref(text)["input_ids"]
+    ids = ref(text)["input_ids"]
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert (ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            == ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    assert ours.eos_token_id == ref.eos_token_id and ours.bos_token_id == ref.bos_token_id

@@ -79,3 +79,10 @@ def gemv(W: np.ndarray, x: np.ndarray, y: np.ndarray | None = None, threads: int
     else:
         gemv_rows_parallel(W, x, y, threads)
     return y
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def touch_pool(a):
+    """a[i] = i over numba's pool: offload.cpu.pool runs it once to start the pool."""
+    for i in prange(a.shape[0]):
+        a[i] = i

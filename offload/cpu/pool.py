@@ -58,15 +58,13 @@ def start_pool(threads: int | None = None) -> int:
 
 def _launch(numba) -> None:
     """Run a trivial parallel kernel: this is what makes numba create its pool (and pick its threading
-    layer) from Python, where it is safe."""
+    layer) from Python, where it is safe. (A cached module-level kernel: compiling one at run time would
+    cost an LLVM compilation's memory and time at every start.)"""
     import numpy as np
 
-    @numba.njit(parallel=True, cache=False)
-    def touch(a):
-        for i in numba.prange(a.shape[0]):
-            a[i] = i
+    from offload.cpu.gemv import touch_pool
 
-    touch(np.zeros(max(2, numba.config.NUMBA_NUM_THREADS), np.int64))
+    touch_pool(np.zeros(max(2, numba.config.NUMBA_NUM_THREADS), np.int64))
 
 
 def threading_layer() -> str:

@@ -30,7 +30,7 @@ from torch import nn
 
 from offload.formats.cpu import CpuLinear, Float16Linear, Float32Linear
 from offload.formats.packed import pack_gguf, quantize, stack_rows
-from offload.formats.quantized import PackedEmbedding, PackedLinear
+from offload.formats.quantized import FileEmbedding, PackedEmbedding, PackedLinear
 from offload.models.common import Embedding, Linear
 
 WEIGHT_FORMATS = ("auto", "float32", "float16", "int8", "int4")
@@ -77,9 +77,12 @@ def linear_for(weights: str, dense: torch.Tensor | None, bias: torch.Tensor | No
     return PackedLinear(quantize(dense.detach().float().numpy(), bits), bias, threads, source=weights)
 
 
-def embedding_for(weights: str, dense: torch.Tensor | None, raw=None) -> nn.Module:
-    """The token table in format ``weights``: a GGUF's quantized table stays packed ("auto"); otherwise a
-    torch table, fp32 for "float32" and fp16 for the rest (a lookup reads one row: no kernel needed)."""
+def embedding_for(weights: str, dense: torch.Tensor | None, raw=None, tied: bool = True) -> nn.Module:
+    """The token table in format ``weights``: a GGUF's quantized table stays packed ("auto"), or, untied,
+    in the file (FileEmbedding: a lookup reads its rows); otherwise a torch table, fp32 for "float32" and
+    fp16 for the rest (a lookup reads one row: no kernel needed)."""
+    if weights == "auto" and raw is not None and not tied and hasattr(raw.data, "path"):
+        return FileEmbedding(raw, raw.data.shape[0], raw.cols)
     if weights == "auto" and raw is not None:
         return PackedEmbedding(_packed_from_raw([raw])[0])
     table = Embedding(dense.shape[0], dense.shape[1], device="meta")
@@ -165,7 +168,7 @@ def decode_bytes(model: nn.Module) -> int:
             add(module.weight.data_ptr(), module.nbytes)
         elif isinstance(module, Linear):
             add(module.weight.data_ptr(), module.nbytes)
-        elif isinstance(module, (Embedding, PackedEmbedding)):
+        elif isinstance(module, (Embedding, PackedEmbedding, FileEmbedding)):
             continue
         else:
             for p in module.parameters(recurse=False):
@@ -176,6 +179,7 @@ def decode_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["QUANTIZED_BITS", "WEIGHT_FORMATS", "CpuLinear", "Float16Linear", "Float32Linear", "PackedEmbedding",
+__all__ = ["QUANTIZED_BITS", "WEIGHT_FORMATS", "CpuLinear", "FileEmbedding", "Float16Linear", "Float32Linear",
+           "PackedEmbedding",
            "PackedLinear", "apply_weight_format", "check_weight_format", "decode_bytes", "embedding_for", "format_name",
            "linear_for", "set_threads", "store_ffn_weights_fp16", "tied_head"]

@@ -33,8 +33,11 @@ Packed5 = namedtuple("Packed5", OPERAND_FIELDS)
 Packed6 = namedtuple("Packed6", OPERAND_FIELDS)
 Packed8 = namedtuple("Packed8", OPERAND_FIELDS)
 PACKED_OPERANDS = {4: Packed4, 5: Packed5, 6: Packed6, 8: Packed8}
-PROMPT_CHUNK_WEIGHTS = 1 << 22  # a prompt's product dequantizes this many weights at a time
-FEW_TOKENS = 8  # up to this many tokens go through the batched kernel (each plane decoded once)
+FEW_TOKENS = 8  # tokens per call of the batched kernel (each plane decoded once for all of them)
+# Prompts up to this many tokens go through the batched kernel, FEW_TOKENS at a time: no fp32 copy of any
+# weight (memory stays flat); longer ones dequantize PROMPT_CHUNK_WEIGHTS weights at a time and multiply.
+BATCHED_PROMPT_TOKENS = 256
+PROMPT_CHUNK_WEIGHTS = 1 << 20
 
 
 def packed_operand(P: PackedMatrix):
@@ -71,13 +74,17 @@ class PackedLinear(CpuLinear):
         return torch.from_numpy(y).view(*x.shape[:-1], self.out_features)
 
     def _part_product(self, P: PackedMatrix, x2: np.ndarray, y: np.ndarray, tokens: int) -> None:
-        if tokens <= FEW_TOKENS:  # each plane decoded once, applied to every token
+        if tokens <= BATCHED_PROMPT_TOKENS:  # each plane decoded once per FEW_TOKENS tokens
             op = packed_operand(P)
-            out = np.empty((x2.shape[0], P.rows), np.float32)
+            out = np.empty((min(tokens, FEW_TOKENS), P.rows), np.float32)
             _, batch = KERNELS[0]
-            batch(op.planes, op.d, op.m, op.sc, op.mc, op.flags, op.gmap, op.dmap, op.cols, op.zero, x2, out,
-                  max(1, min(self.threads, op.planes.shape[0])))
-            y[:] = out
+            parts = max(1, min(self.threads, op.planes.shape[0]))
+            for t0 in range(0, tokens, FEW_TOKENS):
+                xb = x2[t0:t0 + FEW_TOKENS]
+                ob = out[:xb.shape[0]]
+                batch(op.planes, op.d, op.m, op.sc, op.mc, op.flags, op.gmap, op.dmap, op.cols, op.zero, xb, ob,
+                      parts)
+                y[t0:t0 + xb.shape[0]] = ob
             return
         step = max(1, PROMPT_CHUNK_WEIGHTS // self.in_features)  # a prompt: dequantized row chunks
         xt = torch.from_numpy(x2)
@@ -114,3 +121,34 @@ class PackedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"vocab={self.vocab}, d={self.d}, packed={self.packed.bits}-bit"
+
+
+class FileEmbedding(nn.Module):
+    """An untied token table left in its GGUF file: a lookup reads the rows it needs (a few hundred bytes
+    each) and dequantizes them (fp32 out, gguf.quants' numbers). A decode step reads one row, so keeping
+    the table resident would only cost memory: 94 MB for Qwen2.5-0.5B's Q5_0 table. (llama.cpp maps the
+    file: the rows it never reads never become resident either.)"""
+
+    def __init__(self, raw, vocab: int, d: int):
+        super().__init__()
+        self.raw, self.vocab, self.d = raw, vocab, d
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        flat = ids.detach().reshape(-1).cpu().numpy()
+        out = np.empty((flat.size, self.d), np.float32)
+        for j, i in enumerate(flat):
+            if not 0 <= i < self.vocab:
+                raise IndexError(f"token id {int(i)} is outside the vocabulary of {self.vocab}")
+            out[j] = dequantize(self.raw.data[int(i):int(i) + 1], self.raw.qtype).reshape(-1)
+        return torch.from_numpy(out).view(*ids.shape, self.d)
+
+    def dense_weight(self) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        rows = self.raw.data[0:self.vocab]
+        return torch.from_numpy(np.ascontiguousarray(dequantize(rows, self.raw.qtype), dtype=np.float32))
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.vocab}, d={self.d}, read from the file per lookup"
