@@ -126,6 +126,8 @@ def build_cpu_engines(args, path, log):
                 label += f" ({m.weights})"
             engines.append(ours_engine(label, m, pp_ids, tg_ids, hybrid=kind.startswith("hybrid"),
                                        pred_bytes=preds[kind]))
+    skipped.append(("accelerate", "needs CUDA (device_map='auto' with a GPU max_memory)"))
+    skipped.append(("layer-split", "needs CUDA: without a GPU every layer stays on the CPU (= offload dense)"))
     return engines, skipped, dict(first=first, models=models, pp_ids=pp_ids, tg_ids=tg_ids)
 
 

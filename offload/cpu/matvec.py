@@ -66,6 +66,32 @@ def _matvec_impl(W, x, y, threads):
     return None
 
 
+def matvec_cols(W, x, y, cols, threads):
+    """y [n] = W·x reading only the input columns ``cols`` (sorted int64; x is taken as zero elsewhere):
+    a packed operand's column planes of those columns only (a sparse FFN down over selected neurons,
+    TEAL-style input sparsity). Numba code only; packed operands only."""
+    raise NotImplementedError("matvec_cols is a numba function")
+
+
+@overload(matvec_cols, jit_options={"nogil": True, "fastmath": True, "cache": True})
+def _matvec_cols_impl(W, x, y, cols, threads):
+    if isinstance(W, types.BaseNamedTuple) and W.instance_class.__name__ in _PACKED_MODES:
+        mode = _PACKED_MODES[W.instance_class.__name__]
+        _, parallel = packed_gemv.KERNELS[mode]
+
+        def impl(W, x, y, cols, threads):
+            X, Y = x.reshape(1, x.shape[0]), y.reshape(1, y.shape[0])
+            T = W.planes.shape[0]
+            parts = min(T, _parts(W.planes.size * cols.shape[0] // max(1, W.cols.shape[0]), threads))
+            if parts <= 1:
+                packed_gemv.gemv_tiles(mode, W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, cols,
+                                       W.zero, X, Y, 0, T)
+            else:
+                parallel(W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, cols, W.zero, X, Y, parts)
+        return impl
+    return None
+
+
 def rows_of(W):
     """Output rows of an operand (callable from numba code)."""
     raise NotImplementedError
