@@ -159,9 +159,11 @@ for name, (fn, args) in calls.items():
     sig = [s for s in fn.signatures if fn.typeof_pyval(args[0]) == s[0]][-1]
     asm = fn.inspect_asm(sig)
     vec = r"%[yz]mm\d+"
+    ir = fn.inspect_llvm(sig)
     out[name] = {
+        "min_trip": [int(v) for v in re.findall(r"min\.iters\.check = icmp ult i64 [^,]+, (\d+)", ir)],
         "zmm": "zmm" in asm,
-        "cvt": len(re.findall(r"vcvt(dq2ps|ph2psx?|udq2ps)\s+[^\n]*" + vec, asm)),
+        "cvt": len(re.findall(r"vcvt(dq2ps|qq2ps|ph2psx?|udq2ps)\s+[^\n]*" + vec, asm)),
         "fma": len(re.findall(r"vf(n?)m(add|sub)\d*ps\s+[^\n]*" + vec, asm)),
         "floor": len(re.findall(r"v(round|rndscale)ps\s+[^\n]*" + vec, asm)),
     }
@@ -191,3 +193,6 @@ def test_hot_loops_vectorized(target, tmp_path):
             assert s["floor"] > 0, (name, s)
         if target == "avx2":
             assert not s["zmm"], (name, s)
+    # the least tile of each bit width gives each decode loop a trip count LLVM runs vectorized
+    for name, bits, per_tile in (("nibbles4", 4, 2), ("high_bits1", 5, 8), ("high_bits2", 6, 4)):
+        assert max(stats[name]["min_trip"]) <= pk.MIN_TILE[bits] // per_tile, (name, stats[name])
