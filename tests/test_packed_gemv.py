@@ -61,8 +61,9 @@ def test_sparse_columns(matrices, qtype):
     assert close(gemv(P, x, cols=one), W[:, 511] * x[511])
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q5_0, QT.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_1], ids=lambda q: q.name)
 def test_two_threads(matrices, qtype):
+    """The parallel entry splits tiles (one compile per kernel mode: one mode is enough here)."""
     P, W = matrices[qtype]
     x = np.random.default_rng(3).standard_normal(512).astype(np.float32)
     y1 = gemv(P, x, threads=1)
@@ -111,7 +112,7 @@ def test_prepared_matrix_reused(matrices):
     y = np.full(200, np.nan, np.float32)
     for _ in range(3):
         x2 = rng.standard_normal((512, 2))
-        out = K(x2[:, 0], y, threads=2)
+        out = K(x2[:, 0], y)
         assert out is y and close(y, W @ x2[:, 0])
     assert close(K(x2[:, 1], cols=[1, 2, 3]), W[:, 1:4] @ x2[1:4, 1])
 
