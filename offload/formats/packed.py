@@ -44,6 +44,10 @@ from offload.formats.gguf_blocks import BLOCK_TYPES, Codes, bit_fields, split_ro
 
 # tiles default_tile chooses from (multiples of 64: a 5-bit plane needs tile/8 bytes)
 TILES = (64, 128, 192, 256, 320, 384, 448, 512)
+# least tile per bit width: LLVM runs a decode loop vectorized only from a minimum trip count (its
+# cost of the runtime alias checks): 32 bytes for the 5-bit extra bytes (tile/8 of them per
+# column), 24 for the 6-bit ones (tile/4), 16 for a nibble plane (tile/2), host and AVX2 alike;
+# tests/test_packed_gemv.py reads those thresholds from the compiled code
 MIN_TILE = {4: 64, 5: 256, 6: 128, 8: 64}
 # weights per temporary chunk when packing, unpacking or quantizing (bounds the temporaries)
 CHUNK_WEIGHTS = 1 << 21
@@ -95,8 +99,8 @@ def default_tile(rows: int, bits: int = 4) -> int:
     """The tile of least modelled cost: padded rows × (1 + 40/tile), the second factor being the
     per-(tile, column) loop overhead (fitted to one-thread Q4_1 timings at tiles 64–512: a row
     costs 1.6× as much at 64 as at 512, 1.25× at 128). 5- and 6-bit planes need tiles of at least
-    MIN_TILE: their extra bytes decode in loops of tile/8 or tile/4 iterations, which LLVM
-    vectorizes only from 32 (Q5_0 ran at 1 G weights/s with 192-row tiles, 3 at 256)."""
+    MIN_TILE: their extra bytes decode in loops of tile/8 or tile/4 iterations, which run scalar
+    below LLVM's threshold (Q5_0: 1.1 G weights/s with 192-row tiles, 2.9 with 256)."""
     tiles = [t for t in TILES if t >= MIN_TILE[bits]]
     return min(tiles, key=lambda t: (-(-rows // t) * t * (1 + 40 / t), -t))
 
