@@ -35,11 +35,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import math
+
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
 from numba import njit, prange
 
+from offload.cpu import cold, cold_kernels
 from offload.cpu import gemv as dense
 from offload.cpu import packed_gemv
 from offload.cpu.widen import as_f32
@@ -48,6 +51,9 @@ from offload.formats.packed import pack_gguf
 
 SHAPES = {"smol.qkv": (960, 576), "smol.o": (576, 576), "smol.gate_up": (3072, 576), "smol.down": (576, 1536),
           "smol.head": (49152, 576), "7b.up": (11008, 4096), "7b.down": (4096, 11008)}
+# the cold FFN: neurons × d of the bundled [n, 3, d] store, half of the neurons selected per token
+FFN_SHAPES = {"smol.ffn": (1536, 576), "7b.ffn": (11008, 4096)}
+COLD_DENSITY = 0.5
 AVX2_ENV = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}
 
 # ----- plain loops: y[lo:hi] for rows lo..hi-1, one row at a time, element by element -----
@@ -179,6 +185,30 @@ PLAIN_PARALLEL["fp16"] = PLAIN_PARALLEL["fp32"]
 STREAM_PARALLEL = split_rows(stream_sum)
 
 
+@njit(nogil=True, fastmath=True)
+def plain_cold(W, x, idx, acc, lo, hi):
+    """acc += Σ_p silu(W[i,0]·x)·(W[i,1]·x)·W[i,2] over i = idx[lo:hi]: the cold SwiGLU FFN, plainly."""
+    for p in range(lo, hi):
+        i = idx[p]
+        g = np.float32(0)
+        u = np.float32(0)
+        for j in range(W.shape[2]):
+            g += as_f32(W[i, 0, j]) * x[j]
+            u += as_f32(W[i, 1, j]) * x[j]
+        a = g / (np.float32(1) + math.exp(-g)) * u
+        for j in range(W.shape[2]):
+            acc[j] += a * as_f32(W[i, 2, j])
+
+
+@njit(nogil=True, fastmath=True, parallel=True)
+def plain_cold_parallel(W, x, idx, parts):
+    """plain_cold over ``parts.shape[0]`` contiguous slices of idx, one partial output each."""
+    k, nt = idx.shape[0], parts.shape[0]
+    for t in prange(nt):
+        parts[t, :] = 0
+        plain_cold(W, x, idx, parts[t], k * t // nt, k * (t + 1) // nt)
+
+
 def run_plain(name, A, x, y, threads):
     if threads == 1:
         PLAIN[name](A, x, y, 0, A.shape[0])
@@ -224,11 +254,52 @@ def gemv_case(name: str, shape: str) -> Case:
                 plain=lambda s, th: [run_plain(name, A, s["x"], s["y"], th) for A in s["plains"]])
 
 
+def cold_case(name: str, shape: str) -> Case:
+    """The cold FFN kernel (offload.cpu.cold_kernels: cold_chunk on one thread, cold_parallel on
+    more) over half of the neurons, fp32 or fp16 bundles, one token, against plain_cold."""
+    n, d = FFN_SHAPES[shape]
+    k = int(n * COLD_DENSITY)
+
+    def setup(rng, copies):
+        dtype = np.float32 if name == "cold.fp32" else np.float16
+        W = dense.as_weight_array((rng.standard_normal((n, 3, d)) * d ** -0.5).astype(dtype))
+        Ws = [W] + [W.copy() for _ in range(copies - 1)]
+        idx = np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+        nb = k * 3 * d * W.itemsize
+        return dict(Ws=Ws, idx=idx, x=rng.standard_normal((1, d)).astype(np.float32), y=np.zeros(d, np.float32),
+                    h=np.zeros((5, 1), np.float32), bias=np.zeros(0, np.float32), kernel_bytes=nb, plain_bytes=nb,
+                    block=max(1, cold.BLOCK_BYTES // (3 * d * W.itemsize)))
+
+    def kernel(s, th):
+        for W in s["Ws"]:
+            if th == 1:
+                s["y"][:] = 0
+                cold_kernels.cold_chunk(W, s["x"], s["idx"], 0, k, cold_kernels.SWIGLU, s["bias"], s["y"][None], s["h"])
+            else:
+                parts, scratch = np.zeros((th, 1, d), np.float32), np.zeros((th, 5, 1), np.float32)
+                cold_kernels.cold_parallel(W, s["x"], s["idx"], np.zeros(2 + th, np.int64), s["block"],
+                                           cold_kernels.SWIGLU, s["bias"], parts, scratch)
+                np.sum(parts[:, 0], axis=0, out=s["y"])
+
+    def plain(s, th):
+        for W in s["Ws"]:
+            parts = np.zeros((th, d), np.float32)
+            if th == 1:
+                plain_cold(W, s["x"][0], s["idx"], parts[0], 0, k)
+            else:
+                plain_cold_parallel(W, s["x"][0], s["idx"], parts)
+            np.sum(parts, axis=0, out=s["y"])
+    return Case(name, shape, setup, kernel, plain, weights=k * 3 * d)
+
+
 KERNELS = ["fp32", "fp16", "Q4_1", "Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
 # the K types' 256-column super-blocks do not divide SmolLM2's 576 columns (llama.cpp stores such
 # tensors in other types)
 CASES = [gemv_case(k, s) for k in KERNELS for s in SHAPES
          if k in ("fp32", "fp16") or SHAPES[s][1] % GGML_QUANT_SIZES[QT[k]][0] == 0]
+COLD_KERNELS = ["cold.fp32", "cold.fp16"]
+CASES += [cold_case(k, s) for k in COLD_KERNELS for s in FFN_SHAPES]
+ALL_SHAPES = {**SHAPES, **FFN_SHAPES}
 
 
 # ----- measurement -----
@@ -278,7 +349,8 @@ def measure(cases, threads_list, mb: float, reps: int, cpu_clock: bool = True) -
             t = best_times({"kernel": lambda: case.kernel(state, th), "plain": lambda: case.plain(state, th),
                             "stream": stream}, reps, clock)
             kb, pb = state["kernel_bytes"] * copies, state["plain_bytes"] * copies
-            row = dict(kernel=case.name, shape=case.shape, rows=SHAPES[case.shape][0], cols=SHAPES[case.shape][1],
+            row = dict(kernel=case.name, shape=case.shape, rows=ALL_SHAPES[case.shape][0],
+                       cols=ALL_SHAPES[case.shape][1],
                        threads=th, copies=copies, clock="cpu" if clock is time.thread_time else "wall", gbs=kb / t["kernel"] / 1e9,
                        gws=case.weights * copies / t["kernel"] / 1e9, plain_gbs=pb / t["plain"] / 1e9,
                        plain_gws=case.weights * copies / t["plain"] / 1e9, stream_gbs=big.nbytes / t["stream"] / 1e9)
@@ -334,8 +406,8 @@ def parse(argv):
     p.add_argument("--target", choices=["host", "avx2", "both"], default="host")
     p.add_argument("-o", "--output", choices=["md", "json"], default="md")
     p.add_argument("--quick", action="store_true", help="one small shape, two kernels, one thread: a smoke run")
-    p.add_argument("--kernels", default=",".join(KERNELS))
-    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--kernels", default=",".join(KERNELS + COLD_KERNELS))
+    p.add_argument("--shapes", default=",".join(ALL_SHAPES))
     p.add_argument("--threads", default="1,2")
     p.add_argument("--mb", type=float, default=256, help="MB of distinct weight copies streamed per timing "
                    "(here a 32 MB sum ran at 28 GB/s, from cache; 128 MB 15.5, 256 MB 13.6, 1 GB 12.8)")

@@ -5,8 +5,10 @@ columns of one row: w[r, c] = S[g, r]·q[r, c] + M[g, r] (g = gmap[c], q unsigne
 {4, 5, 6, 8}). The layout serves a one-token GEMV that streams the bytes once with plain numba
 loops that LLVM vectorizes (offload.cpu.packed_gemv): y += Σ_c x_c·q[:, c] runs as long axpy
 loops over rows, so the codes of one input column for many rows must be contiguous. Row-major
-GGUF blocks (32 codes of one row, then their scale) only give 16–32-long loops, which LLVM unrolls
-into scalar code (0.3–1 G weights/s measured, against ~13 for this layout).
+GGUF blocks (32 codes of one row, then their scale) only give 16–32-long inner loops: a plain
+numba loop over them ran at 1.7–3.2 G weights/s (Q4_0/Q4_1/Q4_K), 1.0–1.2 (Q8_0), 0.5–1.3 (Q6_K)
+on one thread, the kernels over this layout at 5.8–8.5, 4.1–5.6 and 2.8–3.7
+(benchmarks/cpu_kernels.py has the table; Q5_0's plain loop is the closest: 2.1–4.7 against 3.4–4.3).
 
 Layout (T = ceil(R / tile) tiles of ``tile`` rows; padding rows have q = S = M = 0):
 
@@ -21,8 +23,9 @@ Layout (T = ceil(R / tile) tiles of ``tile`` rows; padding rows have q = S = M =
     M[g] = m[dmap[g]] · mc[g]                 (mc absent: M = m[dmap[g]]; m absent: M = −zero·S)
   d and m are per group (Q4_0…Q8_0, ``quantize``) or per 256-column super-block with an int8
   multiplier per group (the K types: d·sc and dmin·mn are exact in fp32 and GGUF computes them the
-  same way), so fp16 is lossless for every GGUF type and the scales cost what GGUF's do. fp32 S
-  and M would add 0.19 B/weight for Q4_K (+33 %) and 0.44 for Q6_K (+54 %).
+  same way), so fp16 is lossless for every GGUF type and the scales cost what GGUF's do. The
+  symmetric types (Q4_0, Q5_0, Q8_0, Q6_K, 8-bit ``quantize``) store no M. fp32 S and M per group
+  would make Q4_K 0.75 B/weight (+30 %) and Q6_K 1.25 (+52 %).
 * ``gmap`` int32 [C]: the group of each column; ``dmap`` int32 [G]: the d/m row of each group.
   take_cols keeps only the referenced groups and renumbers both.
 
