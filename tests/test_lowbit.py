@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from offload.cpu import lowbit_ir
+from offload.cpu import ir, lowbit_ir
 from offload.cpu import shadow as lowbit
 from offload.cpu.shadow import Int4Matrix, Int4Shadow, Int8Shadow
 from offload.cpu.topk import topk_indices
@@ -278,7 +278,8 @@ from numba import njit
 from offload.cpu import lowbit_ir
 from offload.cpu import shadow as lowbit
 from offload.predict.quant import quantize_int4, quantize_int8
-assert not lowbit_ir.X86_INTRINSICS
+from offload.cpu import ir
+assert ir.ISA == "generic"
 torch.set_num_threads(1)
 
 
@@ -316,15 +317,15 @@ np.savez(sys.argv[1], **out)
 """
 
 
-@pytest.mark.skipif(not lowbit_ir.X86_INTRINSICS, reason="this host already runs the generic IR")
+@pytest.mark.skipif(not ir.HAS_AVX2, reason="this host already runs the generic IR")
 def test_generic_ir_matches_x86_intrinsics(tmp_path, request):
     """The non-AVX2 code path (generic LLVM vector IR instead of the vpmaddubsw/vpmaddwd intrinsics)
-    computes the same numbers. A child process with OFFLOAD_LOWBIT_GENERIC=1 compiles the one-token
+    computes the same numbers. A child process with OFFLOAD_GENERIC_IR=1 compiles the one-token
     kernels only; its code is cached in pytest's cache dir."""
     outf = str(tmp_path / "generic.npz")
     cache_provider = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     cache = cache_provider.mkdir("offload-lowbit-generic-numba") if cache_provider else tmp_path
-    env = dict(os.environ, OFFLOAD_LOWBIT_GENERIC="1", OFFLOAD_LOWBIT_GENERIC_CACHE="1", NUMBA_CACHE_DIR=str(cache))
+    env = dict(os.environ, OFFLOAD_GENERIC_IR="1", OFFLOAD_GENERIC_IR_CACHE="1", NUMBA_CACHE_DIR=str(cache))
     script = cache / "generic_check.py"  # a file, so that numba can cache its functions too
     if not script.exists() or script.read_text() != _GENERIC_SCRIPT:
         script.write_text(_GENERIC_SCRIPT)

@@ -42,16 +42,17 @@ Tried and rejected (fp32 int4 gate+up at 11008 × 4096 unless stated, one thread
 * Software prefetch 1, 2, 8 KB ahead: within noise of 4 KB.
 
 Public: the kernel instances ``i4_shadow_k[T]``, ``i4_gemv_k[T]``, ``i8_shadow_k[T]`` for T = 1..4 tokens
-per pass, the layout constants, and ``CACHE`` (whether numba may cache code that uses them).
+per pass, the layout constants, and ``CACHE`` (whether numba may cache code that uses them). The shared
+IR helpers and the ISA detection are offload.cpu.ir's.
 """
 from __future__ import annotations
 
-import os
-
-from llvmlite import ir
 from numba import types
-from numba.core import cgutils, config
+from numba.core import cgutils
 from numba.extending import intrinsic
+
+from offload.cpu.ir import (CACHE, F16, F32, I8, I16, I32, I64, call, const, counted_loop, csplat, fma, idx,
+                            is_c_array, maddubs, maddwd, prefetch, splat, store_lanes, tree_add, vload, vt)
 
 GROUP = 32  # columns per int4 scale group (offload.predict.quant's default; the only one supported)
 BLK = 8  # rows per block (lanes of one fp32 vector)
@@ -59,192 +60,38 @@ I4_BYTES = 144  # bytes per (8-row block, group): 128 nibble bytes + 8 fp16 scal
 I8_BYTES = 256  # bytes per (8-row block, group) of int8 weights
 
 
-# ---------------------------------------------------------------------------------------------
-# LLVM IR helpers
-
-_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_F16, _F32 = ir.HalfType(), ir.FloatType()
-_CONTRACT = ("contract",)
-
-
-def _use_x86_intrinsics() -> bool:
-    """Call the AVX2 integer dot-product intrinsics only when numba compiles for this host and the
-    host has AVX2 (NUMBA_CPU_NAME=generic, e.g. for a portable cache, gets the generic IR)."""
-    if os.environ.get("OFFLOAD_LOWBIT_GENERIC"):
-        return False
-    if config.CPU_NAME not in (None, "host") or config.CPU_FEATURES:
-        return False
-    try:
-        import llvmlite.binding as ll
-
-        feats = ll.get_host_cpu_features()
-        return bool(feats.get("avx2", False))
-    except Exception:  # pragma: no cover - llvmlite without feature query
-        return False
-
-
-X86_INTRINSICS = _use_x86_intrinsics()
-# numba's cache key does not see the env switch above: the forced-generic build is cached only when
-# asked to (with a NUMBA_CACHE_DIR of its own, as tests/test_lowbit.py does)
-CACHE = not os.environ.get("OFFLOAD_LOWBIT_GENERIC") or bool(os.environ.get("OFFLOAD_LOWBIT_GENERIC_CACHE"))
-
-
-def _vt(t, n):
-    return ir.VectorType(t, n)
-
-
-def _const(t, v):
-    return ir.Constant(t, v)
-
-
-def _csplat(t, n, v):
-    return ir.Constant(_vt(t, n), [v] * n)
-
-
-def _splat(b, val, n):
-    vt = _vt(val.type, n)
-    v = b.insert_element(ir.Constant(vt, ir.Undefined), val, _const(_I32, 0))
-    return b.shuffle_vector(v, v, ir.Constant(_vt(_I32, n), [0] * n))
-
-
-def _idx(*v):
-    return [_const(_I64, x) if isinstance(x, int) else x for x in v]
-
-
-def _vload(b, ptr, vt):
-    return b.load(b.bitcast(ptr, vt.as_pointer()), align=1)
-
-
-def _call(b, name, ret, args):
-    fnty = ir.FunctionType(ret, [a.type for a in args])
-    fn = cgutils.get_or_insert_function(b.module, fnty, name)
-    return b.call(fn, args)
-
-
-def _even_odd_add(b, v, n_out):
-    ev = b.shuffle_vector(v, v, ir.Constant(_vt(_I32, n_out), list(range(0, 2 * n_out, 2))))
-    od = b.shuffle_vector(v, v, ir.Constant(_vt(_I32, n_out), list(range(1, 2 * n_out, 2))))
-    return b.add(ev, od)
-
-
-def _maddubs(b, a_u8, x_s8):
-    """<32 x i8> unsigned a (0..15 here), signed x -> <16 x i16> a[2p]x[2p] + a[2p+1]x[2p+1]
-    (vpmaddubsw; its saturation never triggers with 4-bit a)."""
-    if X86_INTRINSICS:
-        return _call(b, "llvm.x86.avx2.pmadd.ub.sw", _vt(_I16, 16), [a_u8, x_s8])
-    m = b.mul(b.zext(a_u8, _vt(_I16, 32)), b.sext(x_s8, _vt(_I16, 32)))
-    return _even_odd_add(b, m, 16)
-
-
-def _maddwd(b, a16, x16):
-    """<16 x i16> a, x -> <8 x i32> a[2p]x[2p] + a[2p+1]x[2p+1] (vpmaddwd)."""
-    if X86_INTRINSICS:
-        return _call(b, "llvm.x86.avx2.pmadd.wd", _vt(_I32, 8), [a16, x16])
-    m = b.mul(b.sext(a16, _vt(_I32, 16)), b.sext(x16, _vt(_I32, 16)))
-    return _even_odd_add(b, m, 8)
-
-
-def _tree_add(b, vals):
-    while len(vals) > 1:
-        nxt = [b.add(vals[i], vals[i + 1]) for i in range(0, len(vals) - 1, 2)]
-        if len(vals) % 2:
-            nxt.append(vals[-1])
-        vals = nxt
-    return vals[0]
-
-
-def _fma(b, acc, a, c):
-    return b.fadd(acc, b.fmul(a, c, flags=_CONTRACT), flags=_CONTRACT)
-
-
 def _exp8(b, x):
     """exp of <8 x float> (Cephes expf: range reduction by ln 2, degree-6 polynomial, 2^n by
     exponent bits; ~1 ulp on [-87, 88], inputs clamped there)."""
-    v8 = _vt(_F32, 8)
-    x = b.select(b.fcmp_ordered(">", x, _csplat(_F32, 8, 88.0)), _csplat(_F32, 8, 88.0), x)
-    x = b.select(b.fcmp_ordered("<", x, _csplat(_F32, 8, -87.0)), _csplat(_F32, 8, -87.0), x)
-    fx = b.fadd(b.fmul(x, _csplat(_F32, 8, 1.44269504088896341)), _csplat(_F32, 8, 0.5))
-    fx = _call(b, "llvm.floor.v8f32", v8, [fx])
-    r = b.fsub(x, b.fmul(fx, _csplat(_F32, 8, 0.693359375)))
-    r = b.fsub(r, b.fmul(fx, _csplat(_F32, 8, -2.12194440e-4)))
-    p = _csplat(_F32, 8, 1.9875691500e-4)
+    v8 = vt(F32, 8)
+    x = b.select(b.fcmp_ordered(">", x, csplat(F32, 8, 88.0)), csplat(F32, 8, 88.0), x)
+    x = b.select(b.fcmp_ordered("<", x, csplat(F32, 8, -87.0)), csplat(F32, 8, -87.0), x)
+    fx = b.fadd(b.fmul(x, csplat(F32, 8, 1.44269504088896341)), csplat(F32, 8, 0.5))
+    fx = call(b, "llvm.floor.v8f32", v8, [fx])
+    r = b.fsub(x, b.fmul(fx, csplat(F32, 8, 0.693359375)))
+    r = b.fsub(r, b.fmul(fx, csplat(F32, 8, -2.12194440e-4)))
+    p = csplat(F32, 8, 1.9875691500e-4)
     for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = b.fadd(b.fmul(p, r), _csplat(_F32, 8, c))
-    p = b.fadd(b.fadd(b.fmul(p, b.fmul(r, r)), r), _csplat(_F32, 8, 1.0))
-    n = b.fptosi(fx, _vt(_I32, 8))
-    pow2n = b.bitcast(b.shl(b.add(n, _csplat(_I32, 8, 127)), _csplat(_I32, 8, 23)), v8)
+        p = b.fadd(b.fmul(p, r), csplat(F32, 8, c))
+    p = b.fadd(b.fadd(b.fmul(p, b.fmul(r, r)), r), csplat(F32, 8, 1.0))
+    n = b.fptosi(fx, vt(I32, 8))
+    pow2n = b.bitcast(b.shl(b.add(n, csplat(I32, 8, 127)), csplat(I32, 8, 23)), v8)
     return b.fmul(p, pow2n)
 
 
 def _activation(b, kind, g, u):
     """score vector: kind 0 |silu(g)·u|, 1 |relu(g)·u|, 2 relu(g)·relu(u) (kind is a runtime i64)."""
-    v8 = _vt(_F32, 8)
-    zero = _csplat(_F32, 8, 0.0)
-    fabs = lambda v: _call(b, "llvm.fabs.v8f32", v8, [v])  # noqa: E731
+    v8 = vt(F32, 8)
+    zero = csplat(F32, 8, 0.0)
+    fabs = lambda v: call(b, "llvm.fabs.v8f32", v8, [v])  # noqa: E731
     relu_g = b.select(b.fcmp_ordered(">", g, zero), g, zero)
     relu_u = b.select(b.fcmp_ordered(">", u, zero), u, zero)
     e = _exp8(b, b.fsub(zero, g))
-    swiglu = fabs(b.fdiv(b.fmul(g, u), b.fadd(e, _csplat(_F32, 8, 1.0))))
+    swiglu = fabs(b.fdiv(b.fmul(g, u), b.fadd(e, csplat(F32, 8, 1.0))))
     relu = fabs(b.fmul(relu_g, u))
     drelu = b.fmul(relu_g, relu_u)
-    out = b.select(b.icmp_signed("==", kind, _const(_I64, 0)), swiglu, relu)
-    return b.select(b.icmp_signed("==", kind, _const(_I64, 2)), drelu, out)
-
-
-def _group_loop(b, G, init, body):
-    """for g in range(G): vals = body(g, vals); returns the final vals (list of SSA values)."""
-    fn = b.function
-    pre = b.block
-    head = fn.append_basic_block("lowbit.head")
-    loop = fn.append_basic_block("lowbit.body")
-    done = fn.append_basic_block("lowbit.done")
-    b.branch(head)
-    b.position_at_end(head)
-    g = b.phi(_I64)
-    phis = [b.phi(v.type) for v in init]
-    g.add_incoming(_const(_I64, 0), pre)
-    for p, v in zip(phis, init):
-        p.add_incoming(v, pre)
-    b.cbranch(b.icmp_signed("<", g, G), loop, done)
-    b.position_at_end(loop)
-    new = body(g, phis)
-    latch = b.block
-    g.add_incoming(b.add(g, _const(_I64, 1)), latch)
-    for p, v in zip(phis, new):
-        p.add_incoming(v, latch)
-    b.branch(head)
-    b.position_at_end(done)
-    return phis
-
-
-def _store8(b, vec, out_row_ptr, col0, ncols):
-    """out_row_ptr[col0 : col0 + 8] = vec, only the lanes with col0 + lane < ncols."""
-    full = b.icmp_signed("<=", b.add(col0, _const(_I64, BLK)), ncols)
-    with b.if_else(full) as (then, otherwise):
-        with then:
-            b.store(vec, b.bitcast(b.gep(out_row_ptr, [col0]), _vt(_F32, 8).as_pointer()), align=4)
-        with otherwise:
-            for lane in range(BLK):
-                col = b.add(col0, _const(_I64, lane))
-                with b.if_then(b.icmp_signed("<", col, ncols)):
-                    b.store(b.extract_element(vec, _const(_I32, lane)), b.gep(out_row_ptr, [col]))
-
-
-PREFETCH_AHEAD = 4096  # bytes: software prefetch distance along the weight stream
-
-
-def _prefetch(b, ptr, nbytes):
-    """Prefetch the cache lines of [ptr, ptr + nbytes) + PREFETCH_AHEAD (read, all levels). Measured
-    (one thread, noisy machine, medians): SmolLM2's ~1 MB int4 layer streamed 88-105 → 66-70 µs,
-    7B's 50 MB 3.7-5.4 → 3.6-4.4 ms; 1, 2, 4 and 8 KB ahead were within noise of each other."""
-    fnty = ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32])
-    fn = cgutils.get_or_insert_function(b.module, fnty, "llvm.prefetch.p0")
-    for off in range(0, nbytes, 64):
-        b.call(fn, [b.gep(ptr, _idx(PREFETCH_AHEAD + off)), _const(_I32, 0), _const(_I32, 3), _const(_I32, 1)])
-
-
-def _is_c_array(a, dtype, ndim):
-    return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == ndim and a.layout == "C"
+    out = b.select(b.icmp_signed("==", kind, const(I64, 0)), swiglu, relu)
+    return b.select(b.icmp_signed("==", kind, const(I64, 2)), drelu, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,22 +102,22 @@ def _i4_block_group(b, gp, xq, xc, T):
     """gp: i8* to the block's group (144 bytes); xq[t]: i32* to token t's 8 x-quads of the group;
     xc[t]: i32 correction 8·Σxq. Returns ([<8 x i32>] per token, <8 x float> weight scales)."""
     parts = [[] for _ in range(T)]
-    xl = [[b.bitcast(_splat(b, b.load(b.gep(xq[t], _idx(c)), align=4), 8), _vt(_I8, 32)) for c in range(4)]
+    xl = [[b.bitcast(splat(b, b.load(b.gep(xq[t], idx(c)), align=4), 8), vt(I8, 32)) for c in range(4)]
           for t in range(T)]
-    xh = [[b.bitcast(_splat(b, b.load(b.gep(xq[t], _idx(4 + c)), align=4), 8), _vt(_I8, 32)) for c in range(4)]
+    xh = [[b.bitcast(splat(b, b.load(b.gep(xq[t], idx(4 + c)), align=4), 8), vt(I8, 32)) for c in range(4)]
           for t in range(T)]
     for c in range(4):
-        v = _vload(b, b.gep(gp, _idx(32 * c)), _vt(_I8, 32))
-        lo = b.and_(v, _csplat(_I8, 32, 15))
-        hi = b.and_(b.lshr(v, _csplat(_I8, 32, 4)), _csplat(_I8, 32, 15))
+        v = vload(b, b.gep(gp, idx(32 * c)), vt(I8, 32))
+        lo = b.and_(v, csplat(I8, 32, 15))
+        hi = b.and_(b.lshr(v, csplat(I8, 32, 4)), csplat(I8, 32, 15))
         for t in range(T):
-            parts[t].append(_maddubs(b, lo, xl[t][c]))
-            parts[t].append(_maddubs(b, hi, xh[t][c]))
+            parts[t].append(maddubs(b, lo, xl[t][c]))
+            parts[t].append(maddubs(b, hi, xh[t][c]))
     sums = []
     for t in range(T):
-        s = _maddwd(b, _tree_add(b, parts[t]), _csplat(_I16, 16, 1))
-        sums.append(b.sub(s, _splat(b, xc[t], 8)))
-    scales = b.fpext(_vload(b, b.gep(gp, _idx(128)), _vt(_F16, 8)), _vt(_F32, 8))
+        s = maddwd(b, tree_add(b, parts[t]), csplat(I16, 16, 1))
+        sums.append(b.sub(s, splat(b, xc[t], 8)))
+    scales = b.fpext(vload(b, b.gep(gp, idx(128)), vt(F16, 8)), vt(F32, 8))
     return sums, scales
 
 
@@ -278,9 +125,9 @@ def _i4_token_ptrs(b, ctx, sig, XQ, XS, XC, t0, T, G):
     XQa = ctx.make_array(sig[0])(ctx, b, XQ)
     XSa = ctx.make_array(sig[1])(ctx, b, XS)
     XCa = ctx.make_array(sig[2])(ctx, b, XC)
-    toks = [b.add(t0, _const(_I64, t)) for t in range(T)]
-    xq32 = b.bitcast(XQa.data, _I32.as_pointer())
-    xq = [b.gep(xq32, [b.mul(tk, b.mul(G, _const(_I64, GROUP // 4)))]) for tk in toks]
+    toks = [b.add(t0, const(I64, t)) for t in range(T)]
+    xq32 = b.bitcast(XQa.data, I32.as_pointer())
+    xq = [b.gep(xq32, [b.mul(tk, b.mul(G, const(I64, GROUP // 4)))]) for tk in toks]
     xs = [b.gep(XSa.data, [b.mul(tk, G)]) for tk in toks]
     xc = [b.gep(XCa.data, [b.mul(tk, G)]) for tk in toks]
     return toks, xq, xs, xc
@@ -296,9 +143,9 @@ def _make_i4_shadow(T):
 
     @intrinsic
     def kernel(typingctx, W, p, XQ, XS, XC, t0, B, kind, out):
-        if not (_is_c_array(W, types.uint8, 3) and _is_c_array(XQ, types.int8, 2)
-                and _is_c_array(XS, types.float32, 2) and _is_c_array(XC, types.int32, 2)
-                and _is_c_array(B, types.float32, 2) and _is_c_array(out, types.float32, 2)):
+        if not (is_c_array(W, types.uint8, 3) and is_c_array(XQ, types.int8, 2)
+                and is_c_array(XS, types.float32, 2) and is_c_array(XC, types.int32, 2)
+                and is_c_array(B, types.float32, 2) and is_c_array(out, types.float32, 2)):
             return None
         sig = types.none(W, p, XQ, XS, XC, t0, B, kind, out)
 
@@ -311,34 +158,34 @@ def _make_i4_shadow(T):
             ncols = cgutils.unpack_tuple(b, Oa.shape)[1]
             toks, xq, xs, xc = _i4_token_ptrs(b, ctx, (sig.args[2], sig.args[3], sig.args[4]), XQv, XSv, XCv,
                                               t0v, T, G)
-            pair = b.gep(Wa.data, [b.mul(pv, b.mul(G, _const(_I64, 2 * I4_BYTES)))])
-            zero = _csplat(_F32, 8, 0.0)
+            pair = b.gep(Wa.data, [b.mul(pv, b.mul(G, const(I64, 2 * I4_BYTES)))])
+            zero = csplat(F32, 8, 0.0)
 
             def body(g, accs):
-                gp = b.gep(pair, [b.mul(g, _const(_I64, 2 * I4_BYTES))])
-                _prefetch(b, gp, 2 * I4_BYTES)
-                xqg = [b.gep(xq[t], [b.mul(g, _const(_I64, GROUP // 4))]) for t in range(T)]
+                gp = b.gep(pair, [b.mul(g, const(I64, 2 * I4_BYTES))])
+                prefetch(b, gp, 2 * I4_BYTES)
+                xqg = [b.gep(xq[t], [b.mul(g, const(I64, GROUP // 4))]) for t in range(T)]
                 xcg = [b.load(b.gep(xc[t], [g])) for t in range(T)]
-                xsg = [_splat(b, b.load(b.gep(xs[t], [g])), 8) for t in range(T)]
+                xsg = [splat(b, b.load(b.gep(xs[t], [g])), 8) for t in range(T)]
                 new = []
                 for r in range(2):  # gate block, then up block of the same group
-                    sums, sc = _i4_block_group(b, b.gep(gp, _idx(r * I4_BYTES)), xqg, xcg, T)
+                    sums, sc = _i4_block_group(b, b.gep(gp, idx(r * I4_BYTES)), xqg, xcg, T)
                     for t in range(T):
                         cs = b.fmul(sc, xsg[t])
-                        new.append(_fma(b, accs[r * T + t], b.sitofp(sums[t], _vt(_F32, 8)), cs))
+                        new.append(fma(b, accs[r * T + t], b.sitofp(sums[t], vt(F32, 8)), cs))
                 return new
 
-            accs = _group_loop(b, G, [zero] * (2 * T), body)
-            bias = b.bitcast(b.gep(Ba.data, [b.mul(pv, _const(_I64, 16))]), _F32.as_pointer())
-            bg = _vload(b, bias, _vt(_F32, 8))
-            bu = _vload(b, b.gep(bias, _idx(8)), _vt(_F32, 8))
-            col0 = b.mul(pv, _const(_I64, BLK))
+            accs = counted_loop(b, G, [zero] * (2 * T), body)
+            bias = b.bitcast(b.gep(Ba.data, [b.mul(pv, const(I64, 16))]), F32.as_pointer())
+            bg = vload(b, bias, vt(F32, 8))
+            bu = vload(b, b.gep(bias, idx(8)), vt(F32, 8))
+            col0 = b.mul(pv, const(I64, BLK))
             for t in range(T):
                 gv = b.fadd(accs[t], bg)
                 uv = b.fadd(accs[T + t], bu)
                 score = _activation(b, kindv, gv, uv)
                 row = b.gep(Oa.data, [b.mul(toks[t], ncols)])
-                _store8(b, score, row, col0, ncols)
+                store_lanes(b, score, row, col0, ncols)
             return ctx.get_dummy_value()
 
         return sig, codegen
@@ -351,9 +198,9 @@ def _make_i4_gemv(T):
 
     @intrinsic
     def kernel(typingctx, W, blk, XQ, XS, XC, t0, out):
-        if not (_is_c_array(W, types.uint8, 3) and _is_c_array(XQ, types.int8, 2)
-                and _is_c_array(XS, types.float32, 2) and _is_c_array(XC, types.int32, 2)
-                and _is_c_array(out, types.float32, 2)):
+        if not (is_c_array(W, types.uint8, 3) and is_c_array(XQ, types.int8, 2)
+                and is_c_array(XS, types.float32, 2) and is_c_array(XC, types.int32, 2)
+                and is_c_array(out, types.float32, 2)):
             return None
         sig = types.none(W, blk, XQ, XS, XC, t0, out)
 
@@ -365,24 +212,24 @@ def _make_i4_gemv(T):
             ncols = cgutils.unpack_tuple(b, Oa.shape)[1]
             toks, xq, xs, xc = _i4_token_ptrs(b, ctx, (sig.args[2], sig.args[3], sig.args[4]), XQv, XSv, XCv,
                                               t0v, T, G)
-            base = b.gep(Wa.data, [b.mul(kv, b.mul(G, _const(_I64, I4_BYTES)))])
+            base = b.gep(Wa.data, [b.mul(kv, b.mul(G, const(I64, I4_BYTES)))])
 
             def body(g, accs):
-                xqg = [b.gep(xq[t], [b.mul(g, _const(_I64, GROUP // 4))]) for t in range(T)]
+                xqg = [b.gep(xq[t], [b.mul(g, const(I64, GROUP // 4))]) for t in range(T)]
                 xcg = [b.load(b.gep(xc[t], [g])) for t in range(T)]
-                gp = b.gep(base, [b.mul(g, _const(_I64, I4_BYTES))])
-                _prefetch(b, gp, I4_BYTES)
+                gp = b.gep(base, [b.mul(g, const(I64, I4_BYTES))])
+                prefetch(b, gp, I4_BYTES)
                 sums, sc = _i4_block_group(b, gp, xqg, xcg, T)
                 new = []
                 for t in range(T):
-                    cs = b.fmul(sc, _splat(b, b.load(b.gep(xs[t], [g])), 8))
-                    new.append(_fma(b, accs[t], b.sitofp(sums[t], _vt(_F32, 8)), cs))
+                    cs = b.fmul(sc, splat(b, b.load(b.gep(xs[t], [g])), 8))
+                    new.append(fma(b, accs[t], b.sitofp(sums[t], vt(F32, 8)), cs))
                 return new
 
-            accs = _group_loop(b, G, [_csplat(_F32, 8, 0.0)] * T, body)
-            col0 = b.mul(kv, _const(_I64, BLK))
+            accs = counted_loop(b, G, [csplat(F32, 8, 0.0)] * T, body)
+            col0 = b.mul(kv, const(I64, BLK))
             for t in range(T):
-                _store8(b, accs[t], b.gep(Oa.data, [b.mul(toks[t], ncols)]), col0, ncols)
+                store_lanes(b, accs[t], b.gep(Oa.data, [b.mul(toks[t], ncols)]), col0, ncols)
             return ctx.get_dummy_value()
 
         return sig, codegen
@@ -404,9 +251,9 @@ def _make_i8_shadow(T):
 
     @intrinsic
     def kernel(typingctx, W, S, p, XQ, XS, t0, B, kind, out):
-        if not (_is_c_array(W, types.int8, 3) and _is_c_array(S, types.float32, 2)
-                and _is_c_array(XQ, types.int16, 2) and _is_c_array(XS, types.float32, 2)
-                and _is_c_array(B, types.float32, 2) and _is_c_array(out, types.float32, 2)):
+        if not (is_c_array(W, types.int8, 3) and is_c_array(S, types.float32, 2)
+                and is_c_array(XQ, types.int16, 2) and is_c_array(XS, types.float32, 2)
+                and is_c_array(B, types.float32, 2) and is_c_array(out, types.float32, 2)):
             return None
         sig = types.none(W, S, p, XQ, XS, t0, B, kind, out)
 
@@ -420,45 +267,45 @@ def _make_i8_shadow(T):
             Oa = ctx.make_array(sig.args[8])(ctx, b, outv)
             G = cgutils.unpack_tuple(b, Wa.shape)[1]
             ncols = cgutils.unpack_tuple(b, Oa.shape)[1]
-            toks = [b.add(t0v, _const(_I64, t)) for t in range(T)]
-            xq32 = b.bitcast(XQa.data, _I32.as_pointer())
-            xq = [b.gep(xq32, [b.mul(tk, b.mul(G, _const(_I64, GROUP // 2)))]) for tk in toks]
+            toks = [b.add(t0v, const(I64, t)) for t in range(T)]
+            xq32 = b.bitcast(XQa.data, I32.as_pointer())
+            xq = [b.gep(xq32, [b.mul(tk, b.mul(G, const(I64, GROUP // 2)))]) for tk in toks]
             xs = [b.gep(XSa.data, [b.mul(tk, G)]) for tk in toks]
-            pair = b.gep(Wa.data, [b.mul(pv, b.mul(G, _const(_I64, 2 * I8_BYTES)))])
+            pair = b.gep(Wa.data, [b.mul(pv, b.mul(G, const(I64, 2 * I8_BYTES)))])
 
             def body(g, accs):
-                gpair = b.gep(pair, [b.mul(g, _const(_I64, 2 * I8_BYTES))])
-                _prefetch(b, gpair, 2 * I8_BYTES)
-                xg = [b.gep(xq[t], [b.mul(g, _const(_I64, GROUP // 2))]) for t in range(T)]
-                xpairs = [[b.bitcast(_splat(b, b.load(b.gep(xg[t], _idx(j)), align=4), 8), _vt(_I16, 16))
+                gpair = b.gep(pair, [b.mul(g, const(I64, 2 * I8_BYTES))])
+                prefetch(b, gpair, 2 * I8_BYTES)
+                xg = [b.gep(xq[t], [b.mul(g, const(I64, GROUP // 2))]) for t in range(T)]
+                xpairs = [[b.bitcast(splat(b, b.load(b.gep(xg[t], idx(j)), align=4), 8), vt(I16, 16))
                            for j in range(GROUP // 2)] for t in range(T)]
-                xsg = [_splat(b, b.load(b.gep(xs[t], [g])), 8) for t in range(T)]
+                xsg = [splat(b, b.load(b.gep(xs[t], [g])), 8) for t in range(T)]
                 new = []
                 for r in range(2):  # gate block, then up block of the same group
-                    gp = b.gep(gpair, _idx(r * I8_BYTES))
+                    gp = b.gep(gpair, idx(r * I8_BYTES))
                     parts = [[] for _ in range(T)]
                     for j in range(GROUP // 2):
-                        v = b.sext(_vload(b, b.gep(gp, _idx(16 * j)), _vt(_I8, 16)), _vt(_I16, 16))
+                        v = b.sext(vload(b, b.gep(gp, idx(16 * j)), vt(I8, 16)), vt(I16, 16))
                         for t in range(T):
-                            parts[t].append(_maddwd(b, v, xpairs[t][j]))
+                            parts[t].append(maddwd(b, v, xpairs[t][j]))
                     for t in range(T):
-                        s = b.sitofp(_tree_add(b, parts[t]), _vt(_F32, 8))
-                        new.append(_fma(b, accs[r * T + t], s, xsg[t]))
+                        s = b.sitofp(tree_add(b, parts[t]), vt(F32, 8))
+                        new.append(fma(b, accs[r * T + t], s, xsg[t]))
                 return new
 
-            accs = _group_loop(b, G, [_csplat(_F32, 8, 0.0)] * (2 * T), body)
-            srow = b.gep(Sa.data, [b.mul(b.mul(pv, _const(_I64, 2)), _const(_I64, BLK))])
-            sg = _vload(b, srow, _vt(_F32, 8))
-            su = _vload(b, b.gep(srow, _idx(BLK)), _vt(_F32, 8))
-            bias = b.gep(Ba.data, [b.mul(pv, _const(_I64, 16))])
-            bg = _vload(b, bias, _vt(_F32, 8))
-            bu = _vload(b, b.gep(bias, _idx(8)), _vt(_F32, 8))
-            col0 = b.mul(pv, _const(_I64, BLK))
+            accs = counted_loop(b, G, [csplat(F32, 8, 0.0)] * (2 * T), body)
+            srow = b.gep(Sa.data, [b.mul(b.mul(pv, const(I64, 2)), const(I64, BLK))])
+            sg = vload(b, srow, vt(F32, 8))
+            su = vload(b, b.gep(srow, idx(BLK)), vt(F32, 8))
+            bias = b.gep(Ba.data, [b.mul(pv, const(I64, 16))])
+            bg = vload(b, bias, vt(F32, 8))
+            bu = vload(b, b.gep(bias, idx(8)), vt(F32, 8))
+            col0 = b.mul(pv, const(I64, BLK))
             for t in range(T):
                 gv = b.fadd(b.fmul(accs[t], sg), bg)
                 uv = b.fadd(b.fmul(accs[T + t], su), bu)
                 score = _activation(b, kindv, gv, uv)
-                _store8(b, score, b.gep(Oa.data, [b.mul(toks[t], ncols)]), col0, ncols)
+                store_lanes(b, score, b.gep(Oa.data, [b.mul(toks[t], ncols)]), col0, ncols)
             return ctx.get_dummy_value()
 
         return sig, codegen

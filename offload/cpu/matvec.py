@@ -1,7 +1,8 @@
 """``matvec(W, x, y, threads)``: y = W·x for one token, whatever the weight's storage format.
 
 A storage format (offload.formats) hands the CPU kernels an *operand*: a float32 [n, d] array, a uint16
-[n, d] array (fp16 bits), a packed quantized matrix (a named tuple of offload.formats.quantized), or a
+[n, d] array (fp16 bits), a quantized matrix (a named tuple: row quads, offload.cpu.intdot's integer
+dot products on x quantized to int8; or column planes, offload.cpu.packed_gemv's fp32 x), or a
 tuple of operands stacked by rows (fused q/k/v whose parts are stored in different formats). :func:`matvec` is a numba function overloaded on
 the operand's type, so the same call works from Python (:func:`matvec_into`) and from inside other
 compiled kernels (the fused decode blocks in offload.cpu.attention and offload.cpu.ffn_block), which
@@ -15,7 +16,7 @@ from __future__ import annotations
 from numba import literal_unroll, njit, types
 from numba.extending import overload
 
-from offload.cpu import gemv, packed_gemv
+from offload.cpu import gemv, intdot, packed_gemv
 
 MIN_BYTES_PER_THREAD = 128 * 1024
 
@@ -54,6 +55,17 @@ def _matvec_impl(W, x, y, threads):
                                        W.zero, X, Y, 0, T)
             else:
                 parallel(W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, W.cols, W.zero, X, Y, parts)
+        return impl
+    if isinstance(W, types.BaseNamedTuple) and W.instance_class in intdot.QUAD_KINDS:
+        serial, parallel = intdot.kernels(*intdot.QUAD_KINDS[W.instance_class], 1)
+
+        def impl(W, x, y, threads):  # row quads: x quantized to int8 per group, integer dot products
+            X, Y = x.reshape(1, x.shape[0]), y.reshape(1, y.shape[0])
+            parts = min(W.codes.shape[0], _parts(W.codes.size, threads))
+            if parts <= 1:
+                serial(W.codes, W.d, W.m, W.sc, W.mc, W.dmap, W.groups, W.xmap, W.direct, X, Y)
+            else:
+                parallel(W.codes, W.d, W.m, W.sc, W.mc, W.dmap, W.groups, W.xmap, W.direct, X, Y, parts)
         return impl
     if isinstance(W, types.BaseTuple) and not isinstance(W, types.BaseNamedTuple):
         def impl(W, x, y, threads):  # parts stacked by rows, each in its own format

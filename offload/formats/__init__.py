@@ -163,7 +163,7 @@ def decode_bytes(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, PackedLinear):
             for P in module.parts:
-                add(id(P.planes), P.nbytes)
+                add(id(P), P.nbytes)
         elif isinstance(module, CpuLinear):
             add(module.weight.data_ptr(), module.nbytes)
         elif isinstance(module, Linear):

@@ -257,7 +257,7 @@ def dequantize(P: PackedMatrix) -> np.ndarray:
     return out
 
 
-def _row_codes(P: PackedMatrix, idx: np.ndarray) -> Codes:
+def row_codes(P: PackedMatrix, idx: np.ndarray) -> Codes:
     """The codes and scales of rows ``idx`` (any order) as per-row arrays."""
     t, i = idx // P.tile, idx % P.tile
     q = np.empty((len(idx), P.cols), np.uint8)
@@ -275,22 +275,26 @@ def _row_codes(P: PackedMatrix, idx: np.ndarray) -> Codes:
                  per_row(P.sc), per_row(P.mc))
 
 
+def dequantize_codes(c: Codes, gmap: np.ndarray, dmap: np.ndarray, zero: int) -> np.ndarray:
+    """fp32 [n, C] of per-row codes and scales (row_codes' form), rounded as gguf.quants rounds."""
+    S = c.d.astype(np.float32)[:, dmap]
+    if c.sc is not None:
+        S = S * c.sc.astype(np.float32)
+    S = S[:, gmap]
+    q = c.q.astype(np.float32)
+    if c.m is None:
+        return S * (q - np.float32(zero))
+    M = c.m.astype(np.float32)[:, dmap]
+    if c.mc is not None:
+        M = M * c.mc.astype(np.float32)
+    return S * q + M[:, gmap]
+
+
 def dequantize_rows(P: PackedMatrix, idx) -> np.ndarray:
     """fp32 [len(idx), C]: rows ``idx`` of dequantize(P), bit for bit (an embedding lookup reads one row
     of a packed table this way)."""
     idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-    c = _row_codes(P, idx)
-    S = c.d.astype(np.float32)[:, P.dmap]
-    if c.sc is not None:
-        S = S * c.sc.astype(np.float32)
-    S = S[:, P.gmap]
-    q = c.q.astype(np.float32)
-    if c.m is None:
-        return S * (q - np.float32(P.zero))
-    M = c.m.astype(np.float32)[:, P.dmap]
-    if c.mc is not None:
-        M = M * c.mc.astype(np.float32)
-    return S * q + M[:, P.gmap]
+    return dequantize_codes(row_codes(P, idx), P.gmap, P.dmap, P.zero)
 
 
 def stack_rows(parts: list[PackedMatrix], tile: int | None = None) -> PackedMatrix:
@@ -306,7 +310,7 @@ def stack_rows(parts: list[PackedMatrix], tile: int | None = None) -> PackedMatr
     rows = sum(P.rows for P in parts)
     out = _empty(rows, first.cols, first.bits, tile or default_tile(rows, first.bits), first.group, first.zero,
                  first.gmap, first.dmap, first.d.shape[1], first.m.shape[1] > 0, first.sc.shape[1] > 0)
-    codes = [_row_codes(P, np.arange(P.rows)) for P in parts]
+    codes = [row_codes(P, np.arange(P.rows)) for P in parts]
     def cat(name):
         vals = [getattr(c, name) for c in codes]
         return None if vals[0] is None else np.concatenate(vals)
@@ -327,7 +331,7 @@ def take_rows(P: PackedMatrix, idx, tile: int | None = None) -> PackedMatrix:
                  P.d.shape[1], P.m.shape[1] > 0, P.sc.shape[1] > 0)
     step = _chunk_rows(out)
     for k in range(0, len(idx), step):
-        _put(out, k, _row_codes(P, idx[k:k + step]))
+        _put(out, k, row_codes(P, idx[k:k + step]))
     return out
 
 

@@ -1,11 +1,21 @@
-"""Quantized weights on the CPU: a packed matrix (offload.formats.packed, "column planes") behind the
-interface of a Linear, and a packed embedding table.
+"""Quantized weights on the CPU: a quantized matrix behind the interface of a Linear, and a quantized
+embedding table.
 
-:class:`PackedLinear` replaces a ``models.common.Linear``. One token is a numba GEMV over the packed bytes
-(offload.cpu.packed_gemv: read once, dequantized in registers, fp32 accumulation); a few tokens (≤ 8)
-decode each plane once for all of them; a prompt dequantizes row chunks and multiplies (never an fp32 copy
-of the whole matrix). Its operand (what offload.cpu.matvec reads) is a :data:`PACKED_OPERANDS` named
-tuple, one class per code width, so the fused decode blocks compile the right unpacking per matrix.
+:class:`PackedLinear` replaces a ``models.common.Linear``. Its matrices are kept in one of two lossless
+layouts of the same numbers, chosen by ``kernel`` (default :data:`ONE_TOKEN_KERNEL`):
+
+* "intdot" (default): row quads (offload.formats.quads). One token is offload.cpu.intdot's GEMV: x
+  quantized to int8 per group (llama.cpp's Q8 activations), exact integer dot products (AVX-512 / AVX
+  VNNI, AVX2), one FMA per group: 2-5× the speed of "float"; the result is off from fp32 x by at most
+  x's rounding (offload.cpu.intdot states the bound). A few tokens (≤ 8) go up to 4 per pass.
+* "float": column planes (offload.formats.packed). One token is offload.cpu.packed_gemv's GEMV: fp32 x,
+  dequantized in registers, fp32 accumulation (exact to float32 rounding); a few tokens decode each
+  plane once for all of them. Matrices whose groups are not 16 or 32 columns stay in planes.
+
+A prompt (> 8 tokens) dequantizes row chunks and multiplies (never an fp32 copy of the whole matrix).
+The operand (what offload.cpu.matvec reads) is a named tuple whose class names the layout and storage
+kind (offload.cpu.intdot.QUAD_OPERANDS, :data:`PACKED_OPERANDS`), so the fused decode blocks compile the
+right unpacking per matrix. ``OFFLOAD_PACKED_KERNEL=float`` sets the default (A/B comparisons).
 
 Where the bytes come from: a GGUF tensor as stored (:func:`packed_from_gguf`, lossless for Q4_0, Q4_1,
 Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), or a float weight quantized round-to-nearest in groups of 32
@@ -13,6 +23,7 @@ Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), or a float weight quantized round-to-neares
 """
 from __future__ import annotations
 
+import os
 from collections import namedtuple
 
 import numpy as np
@@ -20,9 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from offload.cpu.intdot import QuadGemv, quad_operand
 from offload.cpu.packed_gemv import KERNELS, kernel_scales
+from offload.formats import packed, quads
 from offload.formats.cpu import CpuLinear
-from offload.formats.packed import PackedMatrix, dequantize_rows
+from offload.formats.packed import PackedMatrix
+from offload.formats.quads import QuadMatrix
 
 # what offload.cpu.matvec and the fused blocks read: the kernel's arrays, the active columns (all of
 # them), the zero point and the row count. One class per code width: the width picks the unpacking
@@ -33,11 +47,10 @@ Packed5 = namedtuple("Packed5", OPERAND_FIELDS)
 Packed6 = namedtuple("Packed6", OPERAND_FIELDS)
 Packed8 = namedtuple("Packed8", OPERAND_FIELDS)
 PACKED_OPERANDS = {4: Packed4, 5: Packed5, 6: Packed6, 8: Packed8}
-FEW_TOKENS = 8  # tokens per call of the batched kernel (each plane decoded once for all of them)
-# Prompts up to this many tokens go through the batched kernel, FEW_TOKENS at a time: no fp32 copy of any
-# weight (memory stays flat); longer ones dequantize PROMPT_CHUNK_WEIGHTS weights at a time and multiply.
-BATCHED_PROMPT_TOKENS = 256
-PROMPT_CHUNK_WEIGHTS = 1 << 20
+PROMPT_CHUNK_WEIGHTS = 1 << 20  # a prompt's product dequantizes this many weights at a time
+FEW_TOKENS = 8  # up to this many tokens go through the batched kernels
+ONE_TOKEN_KERNEL = os.environ.get("OFFLOAD_PACKED_KERNEL", "intdot")  # "intdot" or "float"
+KERNEL_NAMES = ("intdot", "float")
 
 
 def packed_operand(P: PackedMatrix):
@@ -47,16 +60,38 @@ def packed_operand(P: PackedMatrix):
                                    np.float32(P.zero), P.rows)
 
 
-class PackedLinear(CpuLinear):
-    """A Linear whose weight is packed: one PackedMatrix [out, in], or several stacked by rows when they
-    are stored in different formats (a fused q/k/v whose v is Q8_0 and q, k Q5_0); bias fp32 or None."""
+def for_kernel(M: PackedMatrix | QuadMatrix, kernel: str | None = None) -> PackedMatrix | QuadMatrix:
+    """M in the layout ``kernel`` computes on (module docstring): row quads for "intdot" when its groups
+    allow, column planes for "float" (a QuadMatrix is not converted back)."""
+    kernel = kernel or ONE_TOKEN_KERNEL
+    if kernel not in KERNEL_NAMES:
+        raise ValueError(f"kernel={kernel!r}: expected one of {', '.join(KERNEL_NAMES)}")
+    if kernel == "intdot" and isinstance(M, PackedMatrix) and M.group in quads.GROUPS:
+        return quads.to_quads(M)
+    return M
 
-    def __init__(self, packed: PackedMatrix | list[PackedMatrix], bias: torch.Tensor | None = None,
-                 threads: int = 1, source: str = "gguf"):
-        parts = list(packed) if isinstance(packed, (list, tuple)) else [packed]
+
+def operand_of(M: PackedMatrix | QuadMatrix):
+    return quad_operand(M) if isinstance(M, QuadMatrix) else packed_operand(M)
+
+
+def dequantize_rows(M: PackedMatrix | QuadMatrix, idx) -> np.ndarray:
+    """fp32 [len(idx), C]: rows ``idx`` of a matrix in either layout (bit for bit gguf's values)."""
+    return (quads if isinstance(M, QuadMatrix) else packed).dequantize_rows(M, idx)
+
+
+class PackedLinear(CpuLinear):
+    """A Linear whose weight is quantized: one matrix [out, in], or several stacked by rows when they are
+    stored in different formats (a fused q/k/v whose v is Q8_0 and q, k Q5_0); bias fp32 or None.
+    packed: PackedMatrix / QuadMatrix parts, held in the layout of ``kernel`` (module docstring)."""
+
+    def __init__(self, packed: PackedMatrix | QuadMatrix | list, bias: torch.Tensor | None = None,
+                 threads: int = 1, source: str = "gguf", kernel: str | None = None):
+        parts = [for_kernel(P, kernel) for P in (packed if isinstance(packed, (list, tuple)) else [packed])]
         super().__init__(parts[0].cols, sum(P.rows for P in parts), bias, threads)
         self.parts, self.source = parts, source  # source: "gguf" (a file's blocks) or "int4" / "int8"
-        ops = tuple(packed_operand(P) for P in parts)
+        self._quad_gemv = [QuadGemv(P) if isinstance(P, QuadMatrix) else None for P in parts]
+        ops = tuple(operand_of(P) for P in parts)
         self.operand = ops[0] if len(ops) == 1 else ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,25 +101,24 @@ class PackedLinear(CpuLinear):
         x2 = np.ascontiguousarray(x.detach().reshape(-1, self.in_features).numpy())
         y = np.empty((x2.shape[0], self.out_features), np.float32)
         r0 = 0
-        for P in self.parts:
-            self._part_product(P, x2, y[:, r0:r0 + P.rows], tokens)
+        for P, K in zip(self.parts, self._quad_gemv):
+            self._part_product(P, K, x2, y[:, r0:r0 + P.rows], tokens)
             r0 += P.rows
         if self._bias_np is not None:
             y += self._bias_np
         return torch.from_numpy(y).view(*x.shape[:-1], self.out_features)
 
-    def _part_product(self, P: PackedMatrix, x2: np.ndarray, y: np.ndarray, tokens: int) -> None:
-        if tokens <= BATCHED_PROMPT_TOKENS:  # each plane decoded once per FEW_TOKENS tokens
-            op = packed_operand(P)
-            out = np.empty((min(tokens, FEW_TOKENS), P.rows), np.float32)
-            _, batch = KERNELS[0]
-            parts = max(1, min(self.threads, op.planes.shape[0]))
-            for t0 in range(0, tokens, FEW_TOKENS):
-                xb = x2[t0:t0 + FEW_TOKENS]
-                ob = out[:xb.shape[0]]
-                batch(op.planes, op.d, op.m, op.sc, op.mc, op.flags, op.gmap, op.dmap, op.cols, op.zero, xb, ob,
-                      parts)
-                y[t0:t0 + xb.shape[0]] = ob
+    def _part_product(self, P, K, x2: np.ndarray, y: np.ndarray, tokens: int) -> None:
+        if tokens <= FEW_TOKENS:
+            out = np.empty((x2.shape[0], P.rows), np.float32)
+            if K is not None:  # row quads: up to 4 tokens per pass over the codes
+                K(x2, out, self.threads)
+            else:  # column planes: each plane decoded once, applied to every token
+                op = packed_operand(P)
+                _, batch = KERNELS[0]
+                batch(op.planes, op.d, op.m, op.sc, op.mc, op.flags, op.gmap, op.dmap, op.cols, op.zero, x2, out,
+                      max(1, min(self.threads, op.planes.shape[0])))
+            y[:] = out
             return
         step = max(1, PROMPT_CHUNK_WEIGHTS // self.in_features)  # a prompt: dequantized row chunks
         xt = torch.from_numpy(x2)
@@ -101,15 +135,18 @@ class PackedLinear(CpuLinear):
         return sum(P.nbytes for P in self.parts)
 
     def extra_repr(self) -> str:
-        kinds = ", ".join(f"{P.rows} rows {P.bits}-bit groups of {P.group}" for P in self.parts)
+        kinds = ", ".join(f"{P.rows} rows {P.bits}-bit groups of {P.group} "
+                          f"({'row quads' if isinstance(P, QuadMatrix) else 'column planes'})" for P in self.parts)
         return super().extra_repr() + f", packed: {kinds}"
 
 
 class PackedEmbedding(nn.Module):
-    """An embedding table kept packed: a lookup dequantizes the rows it needs (fp32 out)."""
+    """An embedding table kept quantized: a lookup dequantizes the rows it needs (fp32 out). The table is
+    held in the layout of ``kernel``, so that a tied output head (PackedLinear of the same matrix) shares it."""
 
-    def __init__(self, packed: PackedMatrix):
+    def __init__(self, packed: PackedMatrix | QuadMatrix, kernel: str | None = None):
         super().__init__()
+        packed = for_kernel(packed, kernel)
         self.packed, self.vocab, self.d = packed, packed.rows, packed.cols
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
