@@ -141,7 +141,7 @@ class OffloadedModel:
                         dtype: str | torch.dtype | None = None, gpu_memory: int | str | None = None,
                         local_files_only: bool = False, revision: str | None = None, context: int = 4096,
                         progress: bool = True, weights: str = "auto", threads: int | None = None,
-                        before_offload=None) -> "OffloadedModel":
+                        activations: str = "int8", before_offload=None) -> "OffloadedModel":
         """Load ``model`` (hub repo id, local HF directory, ``.gguf`` file, or None for the embedded
         SmolLM2-135M-Instruct). Hub access honours ``HF_HUB_OFFLINE`` and ``local_files_only``.
 
@@ -156,6 +156,10 @@ class OffloadedModel:
         what the checkpoint stores; a GGUF's quantized blocks as they are), "float32" (transformers' fp32
         numbers), "float16", "int8" or "int4" (round to nearest, groups of 32). With a GPU budget it applies
         to the cold rows the CPU keeps ("float16" rounds them to fp16; the device side takes ``dtype``).
+        ``activations``: how quantized weight matrices ("auto" on a quantized GGUF, "int8", "int4") take a
+        token's input: "int8" (the default, as llama.cpp: x rounded to int8 per group of 32, integer dot
+        products, several times faster; logits move by about as much as llama.cpp's) or "float32" (x as is:
+        transformers' numbers to float32 rounding).
         ``threads``: CPU threads for the decode kernels (default: every CPU this process may use; on a
         machine shared with other busy processes ``threads=1`` keeps decode steady).
 
@@ -163,7 +167,7 @@ class OffloadedModel:
         the hybrid's preparation (which can take minutes the first time), so that cheap checks such as a
         prompt's length fail first. Invalid arguments raise UsageError / BudgetError before anything loads."""
         from offload.cpu.decode import fuse_decode_blocks, warm_up
-        from offload.formats import WEIGHT_FORMATS, format_name, store_ffn_weights_fp16
+        from offload.formats import ACTIVATIONS, WEIGHT_FORMATS, format_name, store_ffn_weights_fp16
 
         budget = parse_memory_size(gpu_memory, allow_zero=True) if gpu_memory is not None else None
         device = _resolve_device(device)
@@ -176,6 +180,8 @@ class OffloadedModel:
         dtype = _resolve_dtype(dtype, device)
         if weights not in WEIGHT_FORMATS:
             raise UsageError(f"weights={weights!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
+        if activations not in ACTIVATIONS:
+            raise UsageError(f"activations={activations!r}: expected one of {', '.join(ACTIVATIONS)}")
         if device.type == "cpu" and dtype != torch.float32:
             raise UsageError(f"dtype={str(dtype).removeprefix('torch.')!r}: CPU decode computes in fp32; use "
                              "dtype='float32' (the default on the CPU) and choose how weights are stored with weights=")
@@ -198,7 +204,7 @@ class OffloadedModel:
                 before_offload(m)
             return m
         if device.type == "cpu":  # every weight matrix in its CPU storage format, built tensor by tensor
-            net = fuse_decode_blocks(build_model(ckpt, progress=progress, weights=weights,
+            net = fuse_decode_blocks(build_model(ckpt, progress=progress, weights=weights, activations=activations,
                                                  threads=start_pool(threads)))
         else:  # hybrid on a GPU: dense on the CPU in fp32, then every FFN split between the two
             net = build_model(ckpt, dtype=torch.float32, device="cpu", progress=progress)

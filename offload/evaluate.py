@@ -26,9 +26,12 @@ MIN_EVAL_TOKENS = 256
 
 # ---------------------------------------------------------------------------- measurements
 @torch.inference_mode()
-def perplexity(model, wins: torch.Tensor, *, progress: bool = False, desc: str = "ppl") -> dict:
+def perplexity(model, wins: torch.Tensor, *, progress: bool = False, desc: str = "ppl",
+               token_by_token: bool = False) -> dict:
     """Perplexity of ``model`` over windows [m, t] (each window a fresh context; tokens 1..t-1 of each
-    window are predicted). Returns {"ppl", "nll", "tokens", "argmax" (LongTensor [m, t-1])}."""
+    window are predicted). ``token_by_token``: each window fed one token at a time through the KV cache,
+    so every product takes the one-token (decode) path, whose numbers can differ from a prompt's (int8
+    activations, offload.formats). Returns {"ppl", "nll", "tokens", "argmax" (LongTensor [m, t-1])}."""
     from tqdm.auto import tqdm
 
     net = model_net(model)
@@ -36,7 +39,12 @@ def perplexity(model, wins: torch.Tensor, *, progress: bool = False, desc: str =
     nll, count, argmax = 0.0, 0, []
     for w in tqdm(wins, desc=desc, disable=not progress, leave=False):
         w = w.unsqueeze(0).to(device)
-        logits = net(w)[0, :-1].float()
+        if token_by_token:
+            cache = net.new_cache(1, w.shape[1])
+            logits = torch.cat([net(w[:, i:i + 1], cache, i, last_only=True)[0] for i in range(w.shape[1] - 1)])
+            logits = logits.float()
+        else:
+            logits = net(w)[0, :-1].float()
         nll += float(F.cross_entropy(logits, w[0, 1:], reduction="sum"))
         count += w.shape[1] - 1
         argmax.append(logits.argmax(-1).cpu())
@@ -81,7 +89,7 @@ def _operating_densities(net, predictors, density) -> list[float] | None:
 
 def evaluate(model, text_tokens: torch.Tensor, density=None, predictors=None, *, n_generate: int = 32,
              n_prompts: int = 3, prompt_tokens: int = 64, window: int = 256, max_tokens: int | None = 4096,
-             progress: bool = False) -> dict:
+             progress: bool = False, token_by_token: bool = False) -> dict:
     """Dense vs oracle-sparse vs predicted-sparse on held-out ``text_tokens`` (1-D ids).
 
     ``density``: None (the predictors' operating point; exact activity for the oracle of a
@@ -90,6 +98,8 @@ def evaluate(model, text_tokens: torch.Tensor, density=None, predictors=None, *,
     Perplexity uses non-overlapping ``window``-token windows, at most ``max_tokens`` tokens.
     Token agreement: ``n_prompts`` prompts of ``prompt_tokens`` tokens from the text, ``n_generate``
     greedy tokens each, fraction of positions equal to dense (predicted-sparse, else oracle).
+    ``token_by_token``: also the dense perplexity with every token through the decode path
+    ("dense_ppl_token_by_token"; see :func:`perplexity`).
     """
     from offload.corpus import require_tokens, windows
 
@@ -118,6 +128,9 @@ def evaluate(model, text_tokens: torch.Tensor, density=None, predictors=None, *,
 
     dense = perplexity(net, wins, progress=progress, desc="dense")
     result["dense_ppl"] = dense["ppl"]
+    if token_by_token:
+        result["dense_ppl_token_by_token"] = perplexity(net, wins, progress=progress, desc="dense, token by token",
+                                                        token_by_token=True)["ppl"]
     prompts = _prompts(text_tokens, n_prompts, prompt_tokens)
     dense_gen = [greedy_generate(net, p, n_generate) for p in prompts] if n_generate > 0 else []
 

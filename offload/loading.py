@@ -37,15 +37,17 @@ def set_parameter(model: nn.Module, path: str, value: torch.Tensor) -> None:
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                progress: bool = True, weights: str | None = None, threads: int = 1) -> torch.nn.Module:
+                progress: bool = True, weights: str | None = None, threads: int = 1,
+                activations: str = "int8") -> torch.nn.Module:
     """The model for ``ckpt`` with its weights loaded: each parameter from the checkpoint tensors its
     family names (``parameter_sources``), concatenated when several.
 
     weights=None: the dense torch model in ``dtype`` on ``device`` (the reference). Otherwise a CPU model
     whose weight matrices are stored in that format (offload.formats), built tensor by tensor: no fp32
-    copy of the whole model exists, and "auto" packs a GGUF's quantized tensors as stored."""
+    copy of the whole model exists, and "auto" packs a GGUF's quantized tensors as stored; ``activations``
+    ("int8" or "float32") is how quantized matrices take a token's input (offload.formats)."""
     if weights is not None:
-        return _build_in_format(ckpt, weights, threads, progress)
+        return _build_in_format(ckpt, weights, threads, progress, activations)
     module, config_cls, model_cls = family_for(ckpt.config.get("model_type"))
     cfg = config_cls.from_hf(ckpt.config)
     expected = module.expected_tensors(cfg)
@@ -78,10 +80,12 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: st
     return model
 
 
-def _build_in_format(ckpt: Checkpoint, weights: str, threads: int, progress: bool) -> torch.nn.Module:
-    from offload.formats import check_weight_format, embedding_for, linear_for, tied_head
+def _build_in_format(ckpt: Checkpoint, weights: str, threads: int, progress: bool,
+                     activations: str) -> torch.nn.Module:
+    from offload.formats import check_activations, check_weight_format, embedding_for, linear_for, tied_head
 
     check_weight_format(weights)
+    check_activations(activations)
     module, config_cls, model_cls = family_for(ckpt.config.get("model_type"))
     cfg = config_cls.from_hf(ckpt.config)
     expected = module.expected_tensors(cfg)
@@ -113,7 +117,8 @@ def _build_in_format(ckpt: Checkpoint, weights: str, threads: int, progress: boo
                 if isinstance(owner, Linear) and attr == "weight":
                     parts = raw(names)
                     bias = owner.bias  # still on "meta": set when its own source comes
-                    new = linear_for(weights, None if parts else dense(names), None, threads, raw_parts=parts)
+                    new = linear_for(weights, None if parts else dense(names), None, threads, raw_parts=parts,
+                                     activations=activations)
                     if bias is not None:
                         new.set_bias(torch.zeros(new.out_features))
                     setattr(parent, child, new)
@@ -122,7 +127,7 @@ def _build_in_format(ckpt: Checkpoint, weights: str, threads: int, progress: boo
                 elif isinstance(owner, Embedding) and attr == "weight":
                     parts = raw(names)
                     table = embedding_for(weights, None if parts else dense(names), parts[0] if parts else None,
-                                          tied=cfg.tie_word_embeddings)
+                                          tied=cfg.tie_word_embeddings, activations=activations)
                     setattr(parent, child, table)
                 else:
                     set_parameter(model, path, dense(names).to(torch.float32).contiguous())
@@ -130,7 +135,7 @@ def _build_in_format(ckpt: Checkpoint, weights: str, threads: int, progress: boo
     finally:
         bar.close()
     if cfg.tie_word_embeddings:
-        model.lm_head = tied_head(model.embed, weights, threads)
+        model.lm_head = tied_head(model.embed, weights, threads, activations)
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:  # a family's parameter_sources forgot a parameter: a bug in offload, not in the checkpoint
         raise RuntimeError(f"parameters left unloaded: {left[:5]}")

@@ -1,9 +1,18 @@
 """Models as their GGUF stores them (weights="auto": quantized blocks packed, offload.formats) against
-transformers, which dequantizes the same file to fp32: logits of a prompt and of 32 greedy decode steps
-(teacher-forced reference over the same tokens) within 1e-3, and the same 32 greedy tokens.
+transformers, which dequantizes the same file to fp32.
 
-Why 1e-3 and not fp32's 1e-4: the packed kernels sum the same products in another order (per group of
-32, then across groups), over 30 layers; measured on SmolLM2 1.2e-4 on logits of magnitude ~40."""
+activations="float32" (x as is): logits of a prompt and of 32 greedy decode steps (teacher-forced reference
+over the same tokens) within 1e-3, and the same 32 greedy tokens. Why 1e-3 and not fp32's 1e-4: the packed
+kernels sum the same products in another order (per group of 32, then across groups), over 30 layers;
+measured on SmolLM2 1.2e-4 on logits of magnitude ~40.
+
+activations="int8" (the default; x rounded to int8 per group of 32 in each one-token product, as llama.cpp
+does): decode logits within INT8_MAX_ABS / INT8_RMS and the teacher-forced argmax the same at ≥ 90 % of
+the steps. Why those: the rounding is a real change of the computation, not a summation order, and it
+compounds over the layers; llama.cpp (llama-cpp-python 0.3, the same file, the same tokens) was off from
+transformers by 1.21 max abs, 0.25 rms, argmax agreement 0.94 on SmolLM2; ours 0.93–1.04, 0.21, 0.97.
+A wrong scale or code in a kernel moves logits by whole units at every step (tests/test_intdot.py checks
+the kernels to float32 rounding of their own formula)."""
 from __future__ import annotations
 
 import os
@@ -15,11 +24,12 @@ from offload.formats import PackedLinear
 from offload.generation import SamplingConfig, generate
 
 TOL = 1e-3
+INT8_MAX_ABS, INT8_RMS, INT8_ARGMAX_AGREEMENT = 2.0, 0.4, 0.9
 # where scripts/fetch_qwen.py puts it by default (the tests' own OFFLOAD_CACHE is a fresh folder)
 QWEN = os.path.expanduser("~/.cache/offload/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 
 
-def check_against_transformers(ours, hf, prompt: str) -> None:
+def check_against_transformers(ours, hf, prompt: str, exact: bool = True) -> None:
     assert isinstance(ours.model.layers[0].mlp.down, PackedLinear)
     ids = ours.chat_ids(prompt)
     logits: list = []
@@ -30,14 +40,29 @@ def check_against_transformers(ours, hf, prompt: str) -> None:
         ref = hf(out[:, :-1]).logits  # the same tokens, teacher-forced
     got = torch.cat(logits, dim=1)
     assert got.shape == ref.shape
-    prompt_err = (got[:, :ids.shape[1]] - ref[:, :ids.shape[1]]).abs().max().item()
-    decode_err = (got[:, ids.shape[1]:] - ref[:, ids.shape[1]:]).abs().max().item()
-    assert prompt_err <= TOL and decode_err <= TOL, (prompt_err, decode_err)
-    assert torch.equal(out, ref_greedy)
+    n = ids.shape[1]
+    prompt_err = (got[:, :n] - ref[:, :n]).abs().max().item()
+    decode = got[:, n:] - ref[:, n:]
+    if exact:
+        assert prompt_err <= TOL and decode.abs().max().item() <= TOL, (prompt_err, decode.abs().max().item())
+        assert torch.equal(out, ref_greedy)
+        return
+    assert prompt_err <= TOL, prompt_err  # prompts take the dequantized matmul path: x as is
+    assert decode.abs().max().item() <= INT8_MAX_ABS and decode.pow(2).mean().sqrt().item() <= INT8_RMS, \
+        (decode.abs().max().item(), decode.pow(2).mean().sqrt().item())
+    agreement = (got[:, n - 1:].argmax(-1) == ref[:, n - 1:].argmax(-1)).float().mean().item()
+    assert agreement >= INT8_ARGMAX_AGREEMENT, agreement
 
 
-def test_smollm2_q4_1_as_stored_matches_transformers(smollm2_packed, smollm2_hf):
-    check_against_transformers(smollm2_packed, smollm2_hf, "Write a haiku about the sea.")
+def test_smollm2_q4_1_as_stored_matches_transformers(smollm2_gguf, smollm2_hf):
+    from offload import OffloadedModel
+
+    ours = OffloadedModel.from_pretrained(smollm2_gguf, activations="float32", progress=False)
+    check_against_transformers(ours, smollm2_hf, "Write a haiku about the sea.")
+
+
+def test_smollm2_q4_1_int8_activations_close_to_transformers(smollm2_packed, smollm2_hf):
+    check_against_transformers(smollm2_packed, smollm2_hf, "Write a haiku about the sea.", exact=False)
 
 
 @pytest.mark.slow
@@ -47,6 +72,9 @@ def test_qwen_q4_k_m_as_stored_matches_transformers():
 
     from offload import OffloadedModel
 
-    ours = OffloadedModel.from_pretrained(QWEN, progress=False)
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(QWEN), gguf_file=QWEN, dtype=torch.float32).eval()
-    check_against_transformers(ours, hf, "Write a Python function that reverses a string.")
+    prompt = "Write a Python function that reverses a string."
+    for activations in ("float32", "int8"):
+        ours = OffloadedModel.from_pretrained(QWEN, activations=activations, progress=False)
+        check_against_transformers(ours, hf, prompt, exact=activations == "float32")
+        del ours

@@ -36,7 +36,7 @@ class OracleTopK(FFNModule):
 @pytest.mark.parametrize("weights", ["int4", "int8"])
 def test_topk_down_equals_the_oracle_semantics(tiny_checkpoint, kind, weights):
     model = fuse_decode_blocks(build_model(open_checkpoint(tiny_checkpoint(kind)), weights=weights, threads=2,
-                                           progress=False))
+                                           activations="float32", progress=False))
     ref = copy.deepcopy(model)
     for layer in ref.layers:
         layer.mlp = OracleTopK(layer.mlp, 0.4)
@@ -50,3 +50,6 @@ def test_topk_down_refuses_unpacked_weights(tiny_checkpoint):
     model = build_model(open_checkpoint(tiny_checkpoint("llama")), weights="float16", progress=False)
     with pytest.raises(TypeError, match="packed"):
         TopKDownFFN(model.layers[0].mlp, 0.5)
+    model = build_model(open_checkpoint(tiny_checkpoint("llama")), weights="int4", progress=False)
+    with pytest.raises(TypeError, match="float32"):
+        TopKDownFFN(model.layers[0].mlp, 0.5)  # row quads (int8 activations) have no column-sparse kernel

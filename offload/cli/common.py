@@ -53,7 +53,7 @@ def add_model_argument(p) -> None:
 def add_model_options(p, *, hybrid: bool = True) -> None:
     """MODEL and how to load it: --device, --dtype, --weights, --revision, --local-files-only, and with
     ``hybrid`` the GPU budget options --gpu-memory and --context."""
-    from offload.formats import WEIGHT_FORMATS
+    from offload.formats import ACTIVATIONS, WEIGHT_FORMATS
 
     add_model_argument(p)
     p.add_argument("--device", choices=DEVICES, default="cpu",
@@ -64,6 +64,9 @@ def add_model_options(p, *, hybrid: bool = True) -> None:
     p.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto",
                    help="CPU weight storage: auto = as the checkpoint stores them (a GGUF's quantized blocks); "
                         "float32 = transformers' numbers; float16, int8, int4 = fewer bytes a token reads")
+    p.add_argument("--activations", choices=ACTIVATIONS, default=ACTIVATIONS[0],
+                   help="how quantized weights take a token's input: int8 = rounded per group of 32 as llama.cpp "
+                        "does (fast); float32 = as is (transformers' numbers)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for decode (default: every CPU; on a machine shared with busy processes, 1)")
     if hybrid:
@@ -112,7 +115,8 @@ def load_model(args, *, before_offload=None):
     return OffloadedModel.from_pretrained(
         args.model, device=args.device, dtype=args.dtype, gpu_memory=getattr(args, "gpu_memory", None),
         context=getattr(args, "context", 4096), revision=args.revision, local_files_only=args.local_files_only,
-        weights=args.weights, threads=getattr(args, "threads", None), before_offload=before_offload)
+        weights=args.weights, threads=getattr(args, "threads", None),
+        activations=getattr(args, "activations", "int8"), before_offload=before_offload)
 
 
 def info(message: str) -> None:

@@ -23,6 +23,9 @@ def add_arguments(p, model_arg: bool = True) -> None:
     p.add_argument("--window", type=int, default=256, help="perplexity window")
     p.add_argument("--generate", type=int, default=32, help="greedy tokens per prompt for token agreement")
     p.add_argument("--prompts", type=int, default=3, help="prompts for token agreement")
+    p.add_argument("--token-by-token", action="store_true",
+                   help="also the dense perplexity with every token through the decode path (its numbers: int8 "
+                        "activations for quantized weights)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -54,7 +57,8 @@ def run(args) -> int:
     text, what, prep = _text_and_predictors(om, args, None if args.json else info)
     ids = tokenize(om.tokenizer, text)
     r = evaluate(om, ids, density=args.density, predictors=prep.predictors, n_generate=args.generate,
-                 n_prompts=args.prompts, window=args.window, max_tokens=args.max_tokens, progress=not args.json)
+                 n_prompts=args.prompts, window=args.window, max_tokens=args.max_tokens, progress=not args.json,
+                 token_by_token=args.token_by_token)
     r["text"], r["weights"] = what, om.weights
     if args.json:
         print(json.dumps({k: v for k, v in r.items() if k != "layer_density"}, indent=1, default=float))
@@ -63,6 +67,9 @@ def run(args) -> int:
     print(f"perplexity: dense {r['dense_ppl']:.3f} | oracle {r['oracle_ppl']:.3f} (x{r['oracle_ratio']:.4f}, "
           f"density {r['oracle_density']:.3f}) | predicted {r['predicted_ppl']:.3f} (x{r['predicted_ratio']:.4f}, "
           f"density {r['predicted_density']:.3f})")
+    if args.token_by_token:
+        print(f"dense perplexity token by token (the decode path): {r['dense_ppl_token_by_token']:.3f} "
+              f"(x{r['dense_ppl_token_by_token'] / r['dense_ppl']:.4f} of dense over whole windows)")
     print(f"FFN bytes per token: {r['bytes_fraction']:.3f} of dense counted at fp32, {r['stored_bytes_fraction']:.3f} "
           f"as stored (predictor {r['predictor_bytes_per_token'] / 2**20:.2f} MiB; dense FFN "
           f"{r['dense_ffn_bytes_per_token'] / 2**20:.2f} MiB as stored)")

@@ -62,11 +62,14 @@ class TopKDownFFN(FFNModule):
 
     def __init__(self, mlp, density: float):
         super().__init__()
+        from offload.formats.packed import PackedMatrix
         from offload.formats.quantized import PackedLinear
 
         if not (isinstance(mlp.gate_up, PackedLinear) and isinstance(mlp.down, PackedLinear)):
             raise TypeError("TopKDownFFN needs packed gate_up and down (offload.formats: a GGUF as stored, "
                             "int4 or int8)")
+        if not all(isinstance(P, PackedMatrix) for P in mlp.gate_up.parts + mlp.down.parts):
+            raise TypeError("TopKDownFFN reads column planes: build the model with activations='float32'")
         if mlp.gate_up.bias is not None or mlp.down.bias is not None or len(mlp.down.parts) != 1:
             raise TypeError("TopKDownFFN supports FFNs without biases whose down is one packed matrix")
         self.dense, self.kind, self.n = mlp, mlp.kind, mlp.n

@@ -17,6 +17,11 @@ its many-token path (a dense matmul), and is tested against the Linear it replac
 "auto" is the default of ``OffloadedModel.from_pretrained`` on the CPU: it reads what the checkpoint
 stored, no more. "float32" reproduces transformers' fp32 numbers (the reference the tests use).
 
+``activations`` says how the one-token product of a quantized matrix takes its input
+(offload.formats.quantized): "int8" (the default, llama.cpp's scheme: x rounded to int8 per group of 32,
+integer dot products; logits move by about what llama.cpp's do) or "float32" (x as is; transformers'
+numbers to float32 rounding). fp32 and fp16 weights always take x in fp32.
+
 Two ways in: :func:`apply_weight_format` converts a loaded dense model (any format but a GGUF's packed
 bytes), and offload.loading builds a model straight in a format, tensor by tensor (never an fp32 copy
 of the whole model; "auto" on a GGUF keeps the file's blocks). Both go through :func:`linear_for`.
@@ -30,7 +35,7 @@ from torch import nn
 
 from offload.formats.cpu import CpuLinear, Float16Linear, Float32Linear
 from offload.formats.packed import pack_gguf, quantize, stack_rows
-from offload.formats.quantized import FileEmbedding, PackedEmbedding, PackedLinear
+from offload.formats.quantized import ACTIVATIONS, FileEmbedding, PackedEmbedding, PackedLinear, check_activations
 from offload.models.common import Embedding, Linear
 
 WEIGHT_FORMATS = ("auto", "float32", "float16", "int8", "int4")
@@ -55,15 +60,15 @@ def _packed_from_raw(raw_parts) -> list:
 
 
 def linear_for(weights: str, dense: torch.Tensor | None, bias: torch.Tensor | None, threads: int,
-               raw_parts=None) -> CpuLinear:
+               raw_parts=None, activations: str = ACTIVATIONS[0]) -> CpuLinear:
     """The CPU storage module for one weight matrix in format ``weights``.
 
     dense: the weight [out, in] as a float tensor (its dtype tells "auto" what was stored); raw_parts:
     for "auto" on a GGUF, the quantized tensors it is made of (offload.checkpoint.RawTensor, stacked by
-    rows), used instead of ``dense``."""
+    rows), used instead of ``dense``. activations: see the module docstring."""
     weights = check_weight_format(weights)
     if weights == "auto" and raw_parts:
-        return PackedLinear(_packed_from_raw(raw_parts), bias, threads, source="gguf")
+        return PackedLinear(_packed_from_raw(raw_parts), bias, threads, source="gguf", activations=activations)
     if weights == "auto":
         weights = "float16" if dense.dtype in (torch.float16, torch.bfloat16) else "float32"
     if weights == "float32":
@@ -74,17 +79,19 @@ def linear_for(weights: str, dense: torch.Tensor | None, bias: torch.Tensor | No
     if dense.shape[1] % 32:
         raise ValueError(f"weights={weights!r} quantizes groups of 32 input columns; this matrix has "
                          f"{dense.shape[1]} (use float16)")
-    return PackedLinear(quantize(dense.detach().float().numpy(), bits), bias, threads, source=weights)
+    return PackedLinear(quantize(dense.detach().float().numpy(), bits), bias, threads, source=weights,
+                        activations=activations)
 
 
-def embedding_for(weights: str, dense: torch.Tensor | None, raw=None, tied: bool = True) -> nn.Module:
+def embedding_for(weights: str, dense: torch.Tensor | None, raw=None, tied: bool = True,
+                  activations: str = ACTIVATIONS[0]) -> nn.Module:
     """The token table in format ``weights``: a GGUF's quantized table stays packed ("auto"), or, untied,
     in the file (FileEmbedding: a lookup reads its rows); otherwise a torch table, fp32 for "float32" and
     fp16 for the rest (a lookup reads one row: no kernel needed)."""
     if weights == "auto" and raw is not None and not tied and hasattr(raw.data, "path"):
         return FileEmbedding(raw, raw.data.shape[0], raw.cols)
     if weights == "auto" and raw is not None:
-        return PackedEmbedding(_packed_from_raw([raw])[0])
+        return PackedEmbedding(_packed_from_raw([raw])[0], activations)
     table = Embedding(dense.shape[0], dense.shape[1], device="meta")
     dtype = torch.float32 if weights == "float32" or (weights == "auto" and dense.dtype == torch.float32) \
         else torch.float16
@@ -92,17 +99,18 @@ def embedding_for(weights: str, dense: torch.Tensor | None, raw=None, tied: bool
     return table
 
 
-def tied_head(embedding: nn.Module, weights: str, threads: int) -> CpuLinear:
+def tied_head(embedding: nn.Module, weights: str, threads: int, activations: str = ACTIVATIONS[0]) -> CpuLinear:
     """The output head of a tied model, reading the embedding's own storage (one table in memory)."""
     if isinstance(embedding, PackedEmbedding):
-        return PackedLinear(embedding.packed, None, threads, source="gguf")
-    return linear_for(weights, embedding.weight, None, threads)
+        return PackedLinear(embedding.packed, None, threads, source="gguf", activations=activations)
+    return linear_for(weights, embedding.weight, None, threads, activations=activations)
 
 
-def apply_weight_format(model: nn.Module, weights: str, threads: int) -> nn.Module:
+def apply_weight_format(model: nn.Module, weights: str, threads: int, activations: str = ACTIVATIONS[0]) -> nn.Module:
     """Store every weight matrix of a dense CPU ``model`` in format ``weights`` (in place; returns the
     model). A tied head keeps reading its embedding's table ("auto" keeps each tensor's dtype)."""
     check_weight_format(weights)
+    check_activations(activations)
     bad = [n for n, p in model.named_parameters() if p.device.type != "cpu"]
     if bad:
         raise ValueError(f"apply_weight_format needs a model on the CPU; {bad[0]} is on "
@@ -113,9 +121,10 @@ def apply_weight_format(model: nn.Module, weights: str, threads: int) -> nn.Modu
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear) and not (tied and child is model.lm_head):
-                setattr(parent, name, linear_for(weights, child.weight, child.bias, threads))
+                setattr(parent, name, linear_for(weights, child.weight, child.bias, threads,
+                                                 activations=activations))
     if tied:
-        model.lm_head = tied_head(model.embed, weights, threads)
+        model.lm_head = tied_head(model.embed, weights, threads, activations)
     return model
 
 
@@ -179,7 +188,7 @@ def decode_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["QUANTIZED_BITS", "WEIGHT_FORMATS", "CpuLinear", "FileEmbedding", "Float16Linear", "Float32Linear",
+__all__ = ["ACTIVATIONS", "QUANTIZED_BITS", "WEIGHT_FORMATS", "CpuLinear", "FileEmbedding", "Float16Linear", "Float32Linear",
            "PackedEmbedding",
-           "PackedLinear", "apply_weight_format", "check_weight_format", "decode_bytes", "embedding_for", "format_name",
+           "PackedLinear", "apply_weight_format", "check_activations", "check_weight_format", "decode_bytes", "embedding_for", "format_name",
            "linear_for", "set_threads", "store_ffn_weights_fp16", "tied_head"]

@@ -2,20 +2,21 @@
 embedding table.
 
 :class:`PackedLinear` replaces a ``models.common.Linear``. Its matrices are kept in one of two lossless
-layouts of the same numbers, chosen by ``kernel`` (default :data:`ONE_TOKEN_KERNEL`):
+layouts of the same numbers, chosen by how the one-token product takes its input, ``activations``:
 
-* "intdot" (default): row quads (offload.formats.quads). One token is offload.cpu.intdot's GEMV: x
+* "int8" (default): row quads (offload.formats.quads). One token is offload.cpu.intdot's GEMV: x
   quantized to int8 per group (llama.cpp's Q8 activations), exact integer dot products (AVX-512 / AVX
-  VNNI, AVX2), one FMA per group: 2-5× the speed of "float"; the result is off from fp32 x by at most
-  x's rounding (offload.cpu.intdot states the bound). A few tokens (≤ 8) go up to 4 per pass.
-* "float": column planes (offload.formats.packed). One token is offload.cpu.packed_gemv's GEMV: fp32 x,
+  VNNI, AVX2), one FMA per group: 2-5× the speed of "float32"; the result is off from fp32 x by at most
+  x's rounding (offload.cpu.intdot states the bound; llama.cpp rounds x the same way). A few tokens
+  (≤ 8) go up to 4 per pass.
+* "float32": column planes (offload.formats.packed). One token is offload.cpu.packed_gemv's GEMV: fp32 x,
   dequantized in registers, fp32 accumulation (exact to float32 rounding); a few tokens decode each
   plane once for all of them. Matrices whose groups are not 16 or 32 columns stay in planes.
 
 A prompt (> 8 tokens) dequantizes row chunks and multiplies (never an fp32 copy of the whole matrix).
 The operand (what offload.cpu.matvec reads) is a named tuple whose class names the layout and storage
 kind (offload.cpu.intdot.QUAD_OPERANDS, :data:`PACKED_OPERANDS`), so the fused decode blocks compile the
-right unpacking per matrix. ``OFFLOAD_PACKED_KERNEL=float`` sets the default (A/B comparisons).
+right unpacking per matrix.
 
 Where the bytes come from: a GGUF tensor as stored (:func:`packed_from_gguf`, lossless for Q4_0, Q4_1,
 Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), or a float weight quantized round-to-nearest in groups of 32
@@ -23,7 +24,6 @@ Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), or a float weight quantized round-to-neares
 """
 from __future__ import annotations
 
-import os
 from collections import namedtuple
 
 import numpy as np
@@ -49,8 +49,7 @@ Packed8 = namedtuple("Packed8", OPERAND_FIELDS)
 PACKED_OPERANDS = {4: Packed4, 5: Packed5, 6: Packed6, 8: Packed8}
 PROMPT_CHUNK_WEIGHTS = 1 << 20  # a prompt's product dequantizes this many weights at a time
 FEW_TOKENS = 8  # up to this many tokens go through the batched kernels
-ONE_TOKEN_KERNEL = os.environ.get("OFFLOAD_PACKED_KERNEL", "intdot")  # "intdot" or "float"
-KERNEL_NAMES = ("intdot", "float")
+ACTIVATIONS = ("int8", "float32")  # how a one-token product takes x (module docstring); the first is the default
 
 
 def packed_operand(P: PackedMatrix):
@@ -60,13 +59,16 @@ def packed_operand(P: PackedMatrix):
                                    np.float32(P.zero), P.rows)
 
 
-def for_kernel(M: PackedMatrix | QuadMatrix, kernel: str | None = None) -> PackedMatrix | QuadMatrix:
-    """M in the layout ``kernel`` computes on (module docstring): row quads for "intdot" when its groups
-    allow, column planes for "float" (a QuadMatrix is not converted back)."""
-    kernel = kernel or ONE_TOKEN_KERNEL
-    if kernel not in KERNEL_NAMES:
-        raise ValueError(f"kernel={kernel!r}: expected one of {', '.join(KERNEL_NAMES)}")
-    if kernel == "intdot" and isinstance(M, PackedMatrix) and M.group in quads.GROUPS:
+def check_activations(activations: str) -> str:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r}: expected one of {', '.join(ACTIVATIONS)}")
+    return activations
+
+
+def for_activations(M: PackedMatrix | QuadMatrix, activations: str) -> PackedMatrix | QuadMatrix:
+    """M in the layout whose kernel takes x as ``activations`` (module docstring): row quads for "int8"
+    when its groups allow, column planes for "float32" (a QuadMatrix is not converted back)."""
+    if check_activations(activations) == "int8" and isinstance(M, PackedMatrix) and M.group in quads.GROUPS:
         return quads.to_quads(M)
     return M
 
@@ -83,11 +85,11 @@ def dequantize_rows(M: PackedMatrix | QuadMatrix, idx) -> np.ndarray:
 class PackedLinear(CpuLinear):
     """A Linear whose weight is quantized: one matrix [out, in], or several stacked by rows when they are
     stored in different formats (a fused q/k/v whose v is Q8_0 and q, k Q5_0); bias fp32 or None.
-    packed: PackedMatrix / QuadMatrix parts, held in the layout of ``kernel`` (module docstring)."""
+    packed: PackedMatrix / QuadMatrix parts, held in the layout of ``activations`` (module docstring)."""
 
     def __init__(self, packed: PackedMatrix | QuadMatrix | list, bias: torch.Tensor | None = None,
-                 threads: int = 1, source: str = "gguf", kernel: str | None = None):
-        parts = [for_kernel(P, kernel) for P in (packed if isinstance(packed, (list, tuple)) else [packed])]
+                 threads: int = 1, source: str = "gguf", activations: str = ACTIVATIONS[0]):
+        parts = [for_activations(P, activations) for P in (packed if isinstance(packed, (list, tuple)) else [packed])]
         super().__init__(parts[0].cols, sum(P.rows for P in parts), bias, threads)
         self.parts, self.source = parts, source  # source: "gguf" (a file's blocks) or "int4" / "int8"
         self._quad_gemv = [QuadGemv(P) if isinstance(P, QuadMatrix) else None for P in parts]
@@ -142,11 +144,12 @@ class PackedLinear(CpuLinear):
 
 class PackedEmbedding(nn.Module):
     """An embedding table kept quantized: a lookup dequantizes the rows it needs (fp32 out). The table is
-    held in the layout of ``kernel``, so that a tied output head (PackedLinear of the same matrix) shares it."""
+    held in the layout of ``activations``, so that a tied output head (PackedLinear of the same matrix)
+    shares it."""
 
-    def __init__(self, packed: PackedMatrix | QuadMatrix, kernel: str | None = None):
+    def __init__(self, packed: PackedMatrix | QuadMatrix, activations: str = ACTIVATIONS[0]):
         super().__init__()
-        packed = for_kernel(packed, kernel)
+        packed = for_activations(packed, activations)
         self.packed, self.vocab, self.d = packed, packed.rows, packed.cols
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
