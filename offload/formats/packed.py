@@ -167,11 +167,20 @@ def _put(P: PackedMatrix, r0: int, c: Codes) -> None:
     def tiles(a):  # [n, K] → [nt, K, tile]
         return np.pad(a, ((0, pad), (0, 0))).reshape(nt, P.tile, -1).transpose(0, 2, 1)
     P.planes[t0:t0 + nt] = pack_planes(np.pad(c.q, ((0, pad), (0, 0))), P.bits, P.tile)
-    P.d[t0:t0 + nt] = tiles(c.d.view(np.uint16))
+    put_scales(P, t0, c, tiles)
+
+
+def put_scales(M, i0: int, c: Codes, slots) -> None:
+    """Write the scales of ``c`` (d; m, sc, mc where both c and M have them) into M's [slots, K, rows]
+    arrays from slot i0 (M a PackedMatrix, or offload.formats.quads' QuadMatrix); ``slots`` turns a
+    per-row [n, K] array into M's [slots, K, rows]."""
+    d = slots(c.d.view(np.uint16))
+    M.d[i0:i0 + d.shape[0]] = d
     for name in ("m", "sc", "mc"):
         a = getattr(c, name)
-        if a is not None and getattr(P, name).shape[1]:
-            getattr(P, name)[t0:t0 + nt] = tiles(a.view(np.uint16) if name == "m" else a)
+        if a is not None and getattr(M, name).shape[1]:
+            a = slots(a.view(np.uint16) if name == "m" else a)
+            getattr(M, name)[i0:i0 + a.shape[0]] = a
 
 
 def _chunk_rows(P: PackedMatrix) -> int:

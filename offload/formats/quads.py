@@ -40,7 +40,7 @@ import numpy as np
 
 from offload.formats.arena import weight_array
 from offload.formats.gguf_blocks import BLOCK_TYPES, Codes, bit_fields, split_rows
-from offload.formats.packed import CHUNK_WEIGHTS, PackedMatrix, dequantize_codes
+from offload.formats.packed import CHUNK_WEIGHTS, PackedMatrix, dequantize_codes, put_scales
 from offload.formats.packed import row_codes as packed_row_codes
 
 BLOCK = 16  # rows per block: the 16 32-bit lanes of a 512-bit vector
@@ -172,11 +172,7 @@ def put_rows(Q: QuadMatrix, r0: int, c: Codes) -> None:
 
     def blocks(a):  # per-row [n, K] → [nb, K, 16]
         return np.pad(a, ((0, pad), (0, 0))).reshape(nb, BLOCK, -1).transpose(0, 2, 1)
-    Q.d[b0:b0 + nb] = blocks(c.d.view(np.uint16))
-    for name in ("m", "sc", "mc"):
-        a = getattr(c, name)
-        if a is not None and getattr(Q, name).shape[1]:
-            getattr(Q, name)[b0:b0 + nb] = blocks(a.view(np.uint16) if name == "m" else a)
+    put_scales(Q, b0, c, blocks)
 
 
 def _chunk_rows(cols: int) -> int:
