@@ -42,7 +42,7 @@ def test_quick_run(capsys):
     bench.main(["--quick", "-o", "json"])
     result = json.loads(capsys.readouterr().out)
     assert result["target"] == "host" and result["machine"]["cpu"]
-    assert {r["kernel"] for r in result["rows"]} == {"fp16", "Q4_1"}
+    assert {r["kernel"] for r in result["rows"]} == {"fp16", "Q4_1", "Q4_1/int8x"}
     for r in result["rows"]:
         assert r["gbs"] > 0 and r["plain_gbs"] > 0 and r["stream_gbs"] > 0
         assert r["vs_plain"] == pytest.approx(r["gbs"] / r["plain_gbs"])
