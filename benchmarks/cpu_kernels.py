@@ -1,4 +1,4 @@
-"""CPU GEMV kernels against a plain numba loop on the same storage and a STREAM-style read.
+"""CPU GEMV and cold-FFN kernels against a plain numba loop on the same storage and a STREAM-style read.
 
     python benchmarks/cpu_kernels.py                     # markdown, host ISA, threads 1 and 2
     python benchmarks/cpu_kernels.py --target both       # also an AVX2 build (a subprocess)
@@ -6,27 +6,28 @@
 
 Rows: one per (kernel, shape, threads). GB/s = bytes the kernel must read ÷ time, beside the plain
 loop's GB/s over its own storage, and the ratios kernel ÷ plain and kernel ÷ STREAM (a sum over
-an array of the same size). Plain loops: fp32/fp16, the obvious row dot loop; packed types, the
-obvious row-major loop over the GGUF blocks dequantizing element by element (what the kernels
-replace). Each timing streams ``--mb`` MB of distinct copies of the matrix, so the weights come
+an array of the same size). GEMV kernels run as decode runs them: offload.cpu.matvec on the operand
+of each storage format, called from compiled code. Plain loops: fp32/fp16, the obvious row dot loop;
+GGUF types, the obvious row-major loop over the GGUF blocks dequantizing element by element (what the
+kernels replace; "<type>/int8x" rows, whose kernel rounds x to int8, are compared with the same fp32-x
+loop); the cold FFN (``cold.fp32`` / ``cold.fp16``: half of the neurons of a bundled [n, 3, d] store),
+the obvious loop over the selected neurons. Each timing streams ``--mb`` MB of distinct copies of the matrix, so the weights come
 from DRAM; kernel, plain loop and STREAM alternate within a repetition, best of ``--reps``.
 One-thread rows are timed by the thread's CPU time (``--wall`` for the wall clock): on a shared
 machine the wall clock mostly measures the other processes' time slices. Rows with more threads
 are timed by the wall clock: a parallel region waits for its slowest (possibly descheduled) thread.
 ``--target avx2`` re-runs this script with NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES= (the CPU
-name alone keeps the host's AVX-512). More kernels (attention, cold FFN) are more entries of
-CASES: a name, a setup building the state for one shape, and the kernel / plain-loop calls.
+name alone keeps the host's AVX-512). More kernels are more entries of CASES: a name, a setup
+building the state for one shape, and the kernel / plain-loop calls.
 
-Requirement: every GEMV ≥ 0.8 × the plain loop's GB/s at the same shape and thread count.
-
-Measured: see the tables at the end of this docstring (filled in from a run of this script).
+Requirement: every kernel ≥ 0.8 × the plain loop's GB/s at the same shape and thread count. The
+measured tables are in the README.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
-import functools
 import json
 import os
 import subprocess
@@ -41,15 +42,17 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf.constants import GGML_QUANT_SIZES
 from numba import njit, prange
+from numba.typed import List
 
 from offload.cpu import cold, cold_kernels
 from offload.cpu import gemv as dense
-from offload.cpu import intdot
-from offload.cpu import packed_gemv
+from offload.cpu.intdot import quad_operand
+from offload.cpu.matvec import matvec
 from offload.cpu.widen import as_f32
 from offload.formats.gguf_blocks import random_rows
 from offload.formats.packed import pack_gguf
 from offload.formats.quads import quads_from_gguf
+from offload.formats.quantized import packed_operand
 
 SHAPES = {"smol.qkv": (960, 576), "smol.o": (576, 576), "smol.gate_up": (3072, 576), "smol.down": (576, 1536),
           "smol.head": (49152, 576), "7b.up": (11008, 4096), "7b.down": (4096, 11008)}
@@ -234,9 +237,18 @@ class Case:
     weights: int
 
 
+@njit(nogil=True)
+def matvec_each(ops, x, y, threads):
+    """offload.cpu.matvec over every operand in turn: the call the fused decode blocks make, from compiled
+    code (a Python call per matrix would add microseconds to 50–100 µs GEMVs)."""
+    for i in range(len(ops)):
+        matvec(ops[i], x, y, threads)
+
+
 def gemv_case(name: str, shape: str) -> Case:
     """fp32 / fp16 (offload.cpu.gemv), a GGUF type in column planes (offload.cpu.packed_gemv, fp32 x) or,
-    named "<type>/int8x", in row quads (offload.cpu.intdot, x rounded to int8), one token."""
+    named "<type>/int8x", in row quads (offload.cpu.intdot, x rounded to int8), one token: the operand a
+    storage format hands offload.cpu.matvec."""
     R, C = SHAPES[shape]
     qtype = name.removesuffix(INT8_X)
 
@@ -244,23 +256,23 @@ def gemv_case(name: str, shape: str) -> Case:
         if name in ("fp32", "fp16"):
             W = dense.as_weight_array(rng.standard_normal((R, C)).astype(np.float32 if name == "fp32" else np.float16))
             plains = [W] + [W.copy() for _ in range(copies - 1)]
-            kernels, kernel_bytes = [functools.partial(dense.gemv, A) for A in plains], W.nbytes
+            ops, kernel_bytes = plains, W.nbytes
         elif name.endswith(INT8_X):  # row quads, x rounded to int8: offload.cpu.intdot
             raw = random_rows(QT[qtype], R, C, rng)
             Q = quads_from_gguf(raw, QT[qtype], C)
             plains = [raw] + [raw.copy() for _ in range(copies - 1)]
-            kernels = [intdot.QuadGemv(Q)] + [intdot.QuadGemv(copy.deepcopy(Q)) for _ in range(copies - 1)]
+            ops = [quad_operand(Q)] + [quad_operand(copy.deepcopy(Q)) for _ in range(copies - 1)]
             kernel_bytes = Q.nbytes
-        else:
+        else:  # column planes, fp32 x: offload.cpu.packed_gemv
             raw = random_rows(QT[name], R, C, rng)
             P = pack_gguf(raw, QT[name], C)
             plains = [raw] + [raw.copy() for _ in range(copies - 1)]
-            kernels = [packed_gemv.PackedGemv(P)] + [packed_gemv.PackedGemv(copy.deepcopy(P)) for _ in range(copies - 1)]
+            ops = [packed_operand(P)] + [packed_operand(copy.deepcopy(P)) for _ in range(copies - 1)]
             kernel_bytes = P.nbytes
-        return dict(kernels=kernels, plains=plains, kernel_bytes=kernel_bytes, plain_bytes=plains[0].nbytes,
+        return dict(ops=List(ops), plains=plains, kernel_bytes=kernel_bytes, plain_bytes=plains[0].nbytes,
                     x=rng.standard_normal(C).astype(np.float32), y=np.empty(R, np.float32))
     return Case(name, shape, setup, weights=R * C,
-                kernel=lambda s, th: [k(s["x"], s["y"], th) for k in s["kernels"]],
+                kernel=lambda s, th: matvec_each(s["ops"], s["x"], s["y"], th),
                 plain=lambda s, th: [run_plain(qtype, A, s["x"], s["y"], th) for A in s["plains"]])
 
 

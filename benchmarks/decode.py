@@ -173,7 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-bandwidth", type=float, default=None, help="bytes/s (default: measured)")
     ap.add_argument("--engines", default=DEFAULT_CPU_ENGINES,
                     help=f"CPU engines, comma-separated, from {', '.join(CPU_ENGINES)} (default {DEFAULT_CPU_ENGINES}); "
-                         "dense-auto / hybrid-auto keep a GGUF's quantized blocks as stored")
+                         "dense-auto / hybrid-auto keep a GGUF's quantized blocks as stored (x rounded to int8 in "
+                         "their products, as llama.cpp does); dense-autox32 the same with activations='float32'")
     ap.add_argument("--busy-core", action="store_true",
                     help="also measure our fastest engine and llama.cpp with another process spinning on one core")
     ap.add_argument("--busy-threads", type=int, default=1, help="threads for the --busy-core runs (default 1)")

@@ -28,11 +28,14 @@ class Engine:
     tg: Callable[[int], float]
     bytes_per_token: Callable[[], float | None]
     budget: int | None = None
+    kind: str | None = None  # the --engines name of our engines (what --busy-core rebuilds)
 
 
-CPU_ENGINES = ("transformers", "llama.cpp", "dense-fp32", "dense-fp16", "dense-auto", "hybrid-fp16", "hybrid-auto")
-DEFAULT_CPU_ENGINES = "transformers,llama.cpp,dense-fp32,dense-fp16,dense-auto,hybrid-fp16"
-WEIGHTS_OF = {"fp32": "float32", "fp16": "float16", "auto": "auto"}
+CPU_ENGINES = ("transformers", "llama.cpp", "dense-fp32", "dense-fp16", "dense-auto", "dense-autox32", "hybrid-fp16",
+               "hybrid-auto")
+DEFAULT_CPU_ENGINES = "transformers,llama.cpp,dense-fp32,dense-fp16,dense-auto,dense-autox32,hybrid-fp16"
+# weights= of each engine name's second part; "autox32": as stored, activations="float32"
+WEIGHTS_OF = {"fp32": "float32", "fp16": "float16", "auto": "auto", "autox32": "auto"}
 
 
 def gguf_decode_bytes(path: str) -> int:
@@ -68,7 +71,8 @@ def load_ours(path, kind: str, threads: int, args, log):
     from offload.prepare import prepare
 
     mode, w = kind.split("-")
-    m = OffloadedModel.from_pretrained(path, weights=WEIGHTS_OF[w], threads=threads, progress=False)
+    m = OffloadedModel.from_pretrained(path, weights=WEIGHTS_OF[w], threads=threads, progress=False,
+                                       activations="float32" if w.endswith("x32") else "int8")
     if mode == "dense":
         return m, 0
     log(f"{kind}: preparing (cached after the first run) and placing every FFN neuron on the CPU")
@@ -122,10 +126,12 @@ def build_cpu_engines(args, path, log):
         else:
             m = models[kind]
             label = f"offload {kind.replace('-', ' ')}"
-            if kind.endswith("auto"):
-                label += f" ({m.weights})"
+            if "auto" in kind:
+                label = f"offload {kind.split('-')[0]} as stored ({m.weights}, " + \
+                    ("float32 x)" if kind.endswith("x32") else "int8 x)")
             engines.append(ours_engine(label, m, pp_ids, tg_ids, hybrid=kind.startswith("hybrid"),
                                        pred_bytes=preds[kind]))
+            engines[-1].kind = kind
     skipped.append(("accelerate", "needs CUDA (device_map='auto' with a GPU max_memory)"))
     skipped.append(("layer-split", "needs CUDA: without a GPU every layer stays on the CPU (= offload dense)"))
     return engines, skipped, dict(first=first, models=models, pp_ids=pp_ids, tg_ids=tg_ids)
@@ -157,9 +163,8 @@ def busy_core_rows(args, path, engines, runs, ctx, log) -> list[str]:
     if not ours:
         return ["--busy-core: no offload engine in --engines"]
     best = max(ours, key=lambda e: statistics.mean(runs[(e.name, "tg")]))
-    kind = next(k for k in ctx["models"] if best.name.startswith(f"offload {k.replace('-', ' ')}"))
     t = args.busy_threads
-    m, _ = load_ours(path, kind, t, args, log)
+    m, _ = load_ours(path, best.kind, t, args, log)
     subjects = [(f"{best.name} --threads {t}", lambda n: bl.offload_rates(m, ctx["tg_ids"], n)[0])]
     subjects.append((f"{best.name} --threads {args.threads}", best.tg))
     lc = [e for e in engines if e.name.startswith("llama.cpp")]
