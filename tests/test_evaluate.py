@@ -168,3 +168,21 @@ def test_cli_bad_arguments_fail_before_loading_the_model(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(CorpusError, match="empty.txt: the text file is empty"):
         run_prepare(q.parse_args(["--text", str(tmp_path / "empty.txt")]))
+
+
+@pytest.mark.parametrize("weights, activations, tol", [("float32", "int8", 1e-4), ("int4", "float32", 1e-4),
+                                                        ("int4", "int8", None)])
+def test_token_by_token_perplexity(tiny_checkpoint, weights, activations, tol):
+    """Through the decode path token by token, perplexity equals the whole-window one where the one-token
+    products compute the same numbers (fp32 weights; fp32 x), and differs, slightly, where x is rounded
+    to int8."""
+    from offload.evaluate import perplexity
+
+    ckpt = open_checkpoint(tiny_checkpoint("llama"))
+    net = build_model(ckpt, weights=weights, activations=activations, progress=False)
+    wins = torch.stack([rand_ids(24, 1), rand_ids(24, 2)])
+    whole, step = perplexity(net, wins)["ppl"], perplexity(net, wins, token_by_token=True)["ppl"]
+    if tol is not None:
+        assert step == pytest.approx(whole, rel=tol)
+    else:
+        assert step != whole and step == pytest.approx(whole, rel=0.05)

@@ -32,7 +32,7 @@ granularity is the group (32 columns; 16 for Q6_K): a group with one active colu
 threads: 1 runs on the caller's thread, no parallel region; more run one ``prange`` region over
 ``threads`` contiguous ranges of 16-row blocks (x is quantized once, before it).
 
-Measured: see the table at the end of this docstring (benchmarks/cpu_kernels.py).
+Measured: `python benchmarks/cpu_kernels.py` ("<type>/int8x" rows; the README has the table).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ layouts of the same numbers, chosen by how the one-token product takes its input
 
 * "int8" (default): row quads (offload.formats.quads). One token is offload.cpu.intdot's GEMV: x
   quantized to int8 per group (llama.cpp's Q8 activations), exact integer dot products (AVX-512 / AVX
-  VNNI, AVX2), one FMA per group: 2-5× the speed of "float32"; the result is off from fp32 x by at most
+  VNNI, AVX2), one FMA per group: 1.3-4.5× the GEMV speed of "float32"; the result is off from fp32 x by at most
   x's rounding (offload.cpu.intdot states the bound; llama.cpp rounds x the same way). A few tokens
   (≤ 8) go up to 4 per pass.
 * "float32": column planes (offload.formats.packed). One token is offload.cpu.packed_gemv's GEMV: fp32 x,
