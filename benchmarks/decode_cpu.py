@@ -47,7 +47,7 @@ def gguf_decode_bytes(path: str) -> int:
     return sum(n for name, n in tensors.items() if not (untied and name == "token_embd.weight"))
 
 
-def ours_engine(name, m, pp_ids, tg_ids, *, hybrid=False, pred_bytes=0):
+def ours_engine(name, m, pp_ids, tg_ids, *, hybrid=False, pred_bytes=0, kind=None):
     """An Engine over an OffloadedModel; bytes/token from what its storage formats read (offload.formats)."""
     import baselines as bl
     from offload.formats import decode_bytes
@@ -61,7 +61,7 @@ def ours_engine(name, m, pp_ids, tg_ids, *, hybrid=False, pred_bytes=0):
         return hybrid_bytes_per_token(decode_bytes(m.model), h.bytes_hot + h.bytes_cold,
                                       max(h.decode_calls // n_layers, 1), pred_bytes)
     return Engine(name, lambda: bl.offload_rates(m, pp_ids, 1)[1], lambda n: bl.offload_rates(m, tg_ids, n)[0],
-                  nbytes)
+                  nbytes, kind=kind)
 
 
 def load_ours(path, kind: str, threads: int, args, log):
@@ -130,8 +130,7 @@ def build_cpu_engines(args, path, log):
                 label = f"offload {kind.split('-')[0]} as stored ({m.weights}, " + \
                     ("float32 x)" if kind.endswith("x32") else "int8 x)")
             engines.append(ours_engine(label, m, pp_ids, tg_ids, hybrid=kind.startswith("hybrid"),
-                                       pred_bytes=preds[kind]))
-            engines[-1].kind = kind
+                                       pred_bytes=preds[kind], kind=kind))
     skipped.append(("accelerate", "needs CUDA (device_map='auto' with a GPU max_memory)"))
     skipped.append(("layer-split", "needs CUDA: without a GPU every layer stays on the CPU (= offload dense)"))
     return engines, skipped, dict(first=first, models=models, pp_ids=pp_ids, tg_ids=tg_ids)

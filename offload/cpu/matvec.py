@@ -32,6 +32,29 @@ def _parts(nbytes, threads):
     return max(1, min(threads, nbytes // MIN_BYTES_PER_THREAD))
 
 
+_PLANES_PRODUCTS: dict = {}
+
+
+def _planes_product(mode: int):
+    """The compiled y = W[:, cols]·x[cols] over a column-plane operand whose unpacking is ``mode``
+    (offload.cpu.packed_gemv.KERNELS): one thread, or a parallel region sized by the bytes it reads."""
+    if mode not in _PLANES_PRODUCTS:
+        _, parallel = packed_gemv.KERNELS[mode]
+
+        @njit(inline="always")
+        def product(W, x, y, cols, threads):
+            X, Y = x.reshape(1, x.shape[0]), y.reshape(1, y.shape[0])
+            T = W.planes.shape[0]
+            parts = min(T, _parts(W.planes.size * cols.shape[0] // max(1, W.cols.shape[0]), threads))
+            if parts <= 1:
+                packed_gemv.gemv_tiles(mode, W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, cols,
+                                       W.zero, X, Y, 0, T)
+            else:
+                parallel(W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, cols, W.zero, X, Y, parts)
+        _PLANES_PRODUCTS[mode] = product
+    return _PLANES_PRODUCTS[mode]
+
+
 @overload(matvec, jit_options={"nogil": True, "fastmath": True, "cache": True})
 def _matvec_impl(W, x, y, threads):
     if isinstance(W, types.Array) and W.ndim == 2 and W.dtype in (types.float32, types.uint16):
@@ -43,18 +66,10 @@ def _matvec_impl(W, x, y, threads):
                 gemv.gemv_rows_parallel(W, x, y, parts)
         return impl
     if isinstance(W, types.BaseNamedTuple) and W.instance_class.__name__ in _PACKED_MODES:
-        mode = _PACKED_MODES[W.instance_class.__name__]
-        _, parallel = packed_gemv.KERNELS[mode]
+        planes = _planes_product(_PACKED_MODES[W.instance_class.__name__])
 
-        def impl(W, x, y, threads):
-            X, Y = x.reshape(1, x.shape[0]), y.reshape(1, y.shape[0])
-            T = W.planes.shape[0]
-            parts = min(T, _parts(W.planes.size, threads))
-            if parts <= 1:
-                packed_gemv.gemv_tiles(mode, W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, W.cols,
-                                       W.zero, X, Y, 0, T)
-            else:
-                parallel(W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, W.cols, W.zero, X, Y, parts)
+        def impl(W, x, y, threads):  # column planes: every input column
+            planes(W, x, y, W.cols, threads)
         return impl
     if isinstance(W, types.BaseNamedTuple) and W.instance_class in intdot.QUAD_KINDS:
         serial, parallel = intdot.kernels(*intdot.QUAD_KINDS[W.instance_class], 1)
@@ -88,18 +103,10 @@ def matvec_cols(W, x, y, cols, threads):
 @overload(matvec_cols, jit_options={"nogil": True, "fastmath": True, "cache": True})
 def _matvec_cols_impl(W, x, y, cols, threads):
     if isinstance(W, types.BaseNamedTuple) and W.instance_class.__name__ in _PACKED_MODES:
-        mode = _PACKED_MODES[W.instance_class.__name__]
-        _, parallel = packed_gemv.KERNELS[mode]
+        planes = _planes_product(_PACKED_MODES[W.instance_class.__name__])
 
         def impl(W, x, y, cols, threads):
-            X, Y = x.reshape(1, x.shape[0]), y.reshape(1, y.shape[0])
-            T = W.planes.shape[0]
-            parts = min(T, _parts(W.planes.size * cols.shape[0] // max(1, W.cols.shape[0]), threads))
-            if parts <= 1:
-                packed_gemv.gemv_tiles(mode, W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, cols,
-                                       W.zero, X, Y, 0, T)
-            else:
-                parallel(W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, cols, W.zero, X, Y, parts)
+            planes(W, x, y, cols, threads)
         return impl
     return None
 
