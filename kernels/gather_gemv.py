@@ -49,8 +49,8 @@ from offload.models.ffn_kind import FFNKind
 from offload.models.ffn_kind import activation as ffn_activation
 
 from .launch import (BACKENDS, MAX_BATCH, check_float, check_idx, check_last_dim_contiguous, check_no_grad,
-                     check_same_device, check_tensor, check_token_rows, device_guard, interpreter_active,
-                     require_triton_device, resolve_backend, use_fixed_config)
+                     check_same_device, check_tensor, check_token_rows, interpreter_active, launch,
+                     require_triton_device, resolve_backend)
 
 __all__ = [
     "ACTIVATIONS",
@@ -104,8 +104,40 @@ def check_gather_gemv_args(x, w1, idx, w2=None, b1=None, activation: str = "swig
 
 
 # --------------------------------------------------------------------------------------------------
-# The kernel
+# The kernel, and the pieces the other hot-side kernels share
 # --------------------------------------------------------------------------------------------------
+@triton.jit
+def active_rows(idx_ptr, offs_k, in_k, N):
+    """(rows, valid) of the index slots offs_k: rows int64 (0 where not valid, so addresses stay in
+    bounds), valid = in_k and the index lies in [0, N); padding slots (e.g. -1) are not valid."""
+    rows = tl.load(idx_ptr + offs_k, mask=in_k, other=-1).to(tl.int64)
+    valid = in_k & (rows >= 0) & (rows < N)
+    return tl.where(valid, rows, 0), valid
+
+
+@triton.jit
+def program_slots(idx_ptr, K, N, BLOCK_K: tl.constexpr):
+    """The BLOCK_K index slots of this program (axis 0): (offs_k, in_k, rows, valid) as in active_rows."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    in_k = offs_k < K
+    rows, valid = active_rows(idx_ptr, offs_k, in_k, N)
+    return offs_k, in_k, rows, valid
+
+
+@triton.jit
+def activate(g, u, ACTIVATION: tl.constexpr):
+    """act(g, u) elementwise in fp32 (models.ffn_kind's kinds); u is unused for "relu_fc"."""
+    if ACTIVATION == "swiglu":
+        h = g * tl.sigmoid(g) * u
+    elif ACTIVATION == "relu":
+        h = tl.maximum(g, 0.0) * u
+    elif ACTIVATION == "drelu":
+        h = tl.maximum(g, 0.0) * tl.maximum(u, 0.0)
+    else:  # "relu_fc"
+        h = tl.maximum(g, 0.0)
+    return h
+
+
 @triton.jit(do_not_specialize=["K_BUCKET"])
 def _gather_gemv_kernel(
     x_ptr, w1_ptr, w2_ptr, b1_ptr, idx_ptr, h_ptr,
@@ -133,13 +165,7 @@ def _gather_gemv_kernel(
     once after the loop. No tensor cores: a batch of at most 8 is below their tile sizes and the
     kernel is bandwidth bound anyway. Slots with idx outside [0, N) read nothing and produce 0.
     """
-    pid = tl.program_id(0)
-    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-    in_k = offs_k < K
-    rows = tl.load(idx_ptr + offs_k, mask=in_k, other=-1).to(tl.int64)
-    valid = in_k & (rows >= 0) & (rows < N)
-    rows = tl.where(valid, rows, 0)
-
+    offs_k, in_k, rows, valid = program_slots(idx_ptr, K, N, BLOCK_K)
     offs_b = tl.arange(0, BATCH_PAD)
     in_b = offs_b < B
 
@@ -164,16 +190,7 @@ def _gather_gemv_kernel(
     g = tl.sum(acc1, axis=2)  # [BATCH_PAD, BLOCK_K]
     if HAS_B1:
         g += tl.load(b1_ptr + rows, mask=valid, other=0.0).to(tl.float32)[None, :]
-    u = tl.sum(acc2, axis=2)
-    if ACTIVATION == "swiglu":
-        h = g * tl.sigmoid(g) * u
-    elif ACTIVATION == "relu":
-        h = tl.maximum(g, 0.0) * u
-    elif ACTIVATION == "drelu":
-        h = tl.maximum(g, 0.0) * tl.maximum(u, 0.0)
-    else:  # "relu_fc"
-        h = tl.maximum(g, 0.0)
-    h = tl.where(valid[None, :], h, 0.0)
+    h = tl.where(valid[None, :], activate(g, tl.sum(acc2, axis=2), ACTIVATION), 0.0)
     tl.store(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :], h,
              mask=in_b[:, None] & in_k[None, :])
 
@@ -252,12 +269,8 @@ def gather_gemv_triton(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,
             triton.next_power_of_2(k))
     meta = dict(ACTIVATION=activation, HAS_W2=has_w2, HAS_B1=has_b1,
                 BATCH_PAD=triton.next_power_of_2(b), enable_fp_fusion=True)
-    with device_guard(x.device):
-        if use_fixed_config(x.device):
-            cfg = INTERPRETER_CONFIG
-            _gather_gemv_kernel[(triton.cdiv(k, cfg["BLOCK_K"]),)](*args, **meta, **cfg)
-        else:
-            _tuned_kernel(meta["BATCH_PAD"])[lambda m: (triton.cdiv(k, m["BLOCK_K"]),)](*args, **meta)
+    launch(_gather_gemv_kernel, lambda: _tuned_kernel(meta["BATCH_PAD"]), lambda c: (triton.cdiv(k, c["BLOCK_K"]),),
+           args, meta, INTERPRETER_CONFIG, x.device)
     return h
 
 

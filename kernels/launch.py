@@ -80,6 +80,17 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def launch(kernel, tuned, grid, args: tuple, meta: dict, fixed_config: dict, device: torch.device) -> None:
+    """Launch a hot-side kernel on ``grid(config)`` (config: its block sizes): with ``fixed_config`` where
+    use_fixed_config (CPU / the interpreter), else ``tuned()``, its autotuned version, with the config the
+    tuner picks."""
+    with device_guard(device):
+        if use_fixed_config(device):
+            kernel[grid(fixed_config)](*args, **meta, **fixed_config)
+        else:
+            tuned()[grid](*args, **meta)
+
+
 # --------------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------------

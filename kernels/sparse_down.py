@@ -34,10 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .gather_gemv import autotune_bench, check_gather_gemv_args, gather_gemv_reference, gather_gemv_triton, tile_configs
+from .gather_gemv import (active_rows, autotune_bench, check_gather_gemv_args, gather_gemv_reference,
+                          gather_gemv_triton, tile_configs)
 from .launch import (BACKENDS, check_float, check_idx, check_last_dim_contiguous, check_no_grad, check_same_device,
-                     check_tensor, check_token_rows, device_guard, require_triton_device, resolve_backend,
-                     use_fixed_config)
+                     check_tensor, check_token_rows, device_guard, launch, require_triton_device, resolve_backend)
 
 __all__ = [
     "ffn_hot_forward",
@@ -45,6 +45,7 @@ __all__ = [
     "sparse_down_reference",
     "sparse_down_triton",
     "split_plan",
+    "sum_splits",
 ]
 
 
@@ -104,9 +105,7 @@ def _sparse_down_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < k_end
-        rows = tl.load(idx_ptr + offs_k, mask=in_k, other=-1).to(tl.int64)
-        valid = in_k & (rows >= 0) & (rows < N)
-        rows = tl.where(valid, rows, 0)
+        rows, valid = active_rows(idx_ptr, offs_k, in_k, N)
         w = tl.load(w_ptr + rows[:, None] * stride_wn + offs_d[None, :],
                     mask=valid[:, None] & in_d[None, :], other=0.0).to(tl.float32)
         hv = tl.load(h_ptr + offs_b[:, None] * stride_hb + offs_k[None, :],
@@ -118,7 +117,7 @@ def _sparse_down_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, y_ptr, NUMEL, SPLIT, BLOCK: tl.constexpr):
+def sum_splits_kernel(part_ptr, y_ptr, NUMEL, SPLIT, BLOCK: tl.constexpr):
     """y[i] = Σ_s part[s, i] in order s = 0..SPLIT-1 (part [SPLIT, NUMEL], y [NUMEL], fp32).
 
     Grid: (cdiv(NUMEL, BLOCK),). The fixed order makes the split-K sum deterministic.
@@ -139,6 +138,15 @@ SPLIT_CONFIG = {"MIN_ROWS_PER_SPLIT": 64, "MAX_SPLITS": 64}
 # Interpreter (CPU tests): fixed big blocks, since each program instance costs ~10 ms of Python.
 INTERPRETER_CONFIG = {"BLOCK_K": 32, "BLOCK_D": 64}
 _SUM_BLOCK = 1024
+
+
+def sum_splits(part: torch.Tensor, y: torch.Tensor, device: torch.device) -> None:
+    """y = the sum of the split-K partials part [SPLIT, b, d] in a fixed order (nothing when SPLIT is 1:
+    part is then a view of y)."""
+    if part.shape[0] > 1:
+        with device_guard(device):
+            sum_splits_kernel[(triton.cdiv(y.numel(), _SUM_BLOCK),)](
+                part, y, y.numel(), part.shape[0], BLOCK=_SUM_BLOCK, num_warps=4, enable_fp_fusion=True)
 
 
 def split_plan(k: int) -> tuple[int, int]:
@@ -185,17 +193,9 @@ def sparse_down_triton(h: torch.Tensor, w3t: torch.Tensor, idx: torch.Tensor) ->
             h.stride(0), w3t.stride(0), part.stride(0), part.stride(1),
             triton.next_power_of_2(k))
     meta = dict(BATCH_PAD=triton.next_power_of_2(b), enable_fp_fusion=True)
-    with device_guard(h.device):
-        if use_fixed_config(h.device):
-            cfg = INTERPRETER_CONFIG
-            _sparse_down_kernel[(triton.cdiv(d, cfg["BLOCK_D"]), splits)](
-                *args, **meta, **cfg)
-        else:
-            _tuned_kernel(meta["BATCH_PAD"])[lambda m: (triton.cdiv(d, m["BLOCK_D"]), splits)](
-                *args, **meta)
-        if splits > 1:
-            _sum_splits_kernel[(triton.cdiv(b * d, _SUM_BLOCK),)](
-                part, y, b * d, splits, BLOCK=_SUM_BLOCK, num_warps=4, enable_fp_fusion=True)
+    launch(_sparse_down_kernel, lambda: _tuned_kernel(meta["BATCH_PAD"]),
+           lambda c: (triton.cdiv(d, c["BLOCK_D"]), splits), args, meta, INTERPRETER_CONFIG, h.device)
+    sum_splits(part, y, h.device)
     return y
 
 

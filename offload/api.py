@@ -86,6 +86,7 @@ class OffloadedModel:
         Once per model: a second call raises (load the model again to place it for another budget)."""
         from offload.cpu.decode import warm_up
         from offload.hybrid import HybridFFN, apply_placement, uses_spinning_pool
+        from offload.packed_hot import packed_hot_format
         from offload.place.memory import plan_memory
         from offload.place.report import plan_and_place
         from offload.prepare import prepare
@@ -103,6 +104,8 @@ class OffloadedModel:
         prepared = prepared or prepare(self, text, progress=progress)
         preds = prepared.predictors
         layers = len(self.model.layers)
+        # quantized FFN weights: hot rows packed 4-bit (offload.packed_hot), counted so by the plan
+        layouts = packed_hot_format(self.model)
         if budget == 0:
             plan = plan_memory(self.checkpoint.config, dtype=str(hot_dtype).removeprefix("torch."), device="cpu",
                                context=min(context, self.max_context), predictor_bytes=preds.nbytes // layers,
@@ -112,12 +115,12 @@ class OffloadedModel:
             self.checkpoint.config, budget=budget, frequencies=prepared.profile.frequencies,
             context=min(context, self.max_context), dtype=str(hot_dtype).removeprefix("torch."),
             predictor_bytes=preds.nbytes // layers, identity=self.checkpoint.identity,
-            device=device.type, shapes=self.checkpoint.shapes)
+            device=device.type, shapes=self.checkpoint.shapes, hot_format=layouts)
         pool = "numba" if uses_spinning_pool(device) else "team"
         threads = start_pool(self.threads) if pool == "numba" else 1
         selectors = [runtime_selector(preds[i], preds.selector(i), device, threads, pool) for i in range(layers)]
         self.hybrid_stats = apply_placement(self.model, placement.hot, selectors, device=device, hot_dtype=hot_dtype,
-                                            cold_threads=self.threads)
+                                            cold_threads=self.threads, hot_format="int4" if layouts else None)
         self.placement, self.device, self.dtype = placement, device, self.model.dtype
         if device.type == "cpu":
             warm_up(self.model)

@@ -16,6 +16,12 @@ Per decode step (≤ 8 tokens) and layer on a GPU, with no host synchronization 
 
 Prompts (x [b, t > 1, d]) and batches over 8 tokens take the dense paths on both sides (all neurons).
 
+Packed hot rows (``hot_format="int4"``, offload.packed_hot): the hot side holds 4-bit rows
+(offload.formats.packed_rows; ~3.5× fewer bytes a neuron than fp16, so a budget holds ~3.5× more hot
+neurons), read by the packed kernels (offload.kernels.gather_gemv_q4 / sparse_down_q4) on a GPU and by
+their torch references on the CPU. Lossless from a CPU model packed in a 4-bit layout (a GGUF's Q4_0,
+Q4_1, Q4_K blocks, ``weights="int4"``), else quantized round to nearest from the float weights.
+
 CPU only (device='cpu'): with no hot neuron there is nothing to overlap, so the cold part runs on the
 caller, on numba's pool; one token with an int4 shadow selector takes one numba call for norm, scores,
 top-k, the cold kernel and the residual (offload.cpu.cold_step). A nonzero budget on the CPU puts the
@@ -38,9 +44,11 @@ from offload.cpu.worker import ColdWorker
 from offload.errors import UnsupportedModelError
 from offload.models.common import FFNModule, RMSNorm
 from offload.models.ffn_kind import FFNKind
+from offload.packed_hot import HOT_FORMATS, build_packed_hot
 from offload.sparse import activation, ffn_weights
 
 DECODE_MAX_TOKENS = 8  # the hot kernels' batch limit; larger batches take the dense paths
+PACKED_CHUNK = 4096  # hot neurons dequantized at a time by the packed hot side's torch path (prompts, CPU)
 
 _NO_NORM = np.zeros(0, np.float32)
 
@@ -107,12 +115,13 @@ class HybridFFN(FFNModule):
 
     hot_ids: global ids of the hot neurons (the rest are cold). select: the layer's runtime selector
     (offload.select), or None to compute every neuron (then the result equals the dense FFN).
-    Shapes: x [b, t, d] → [b, t, d].
+    hot_format: None (hot rows at ``hot_dtype``: w1, w2, w3t) or "int4" (packed: hot_rows, hot_down; the
+    fc1 bias at ``hot_dtype``). Shapes: x [b, t, d] → [b, t, d].
     """
 
     def __init__(self, mlp: nn.Module, hot_ids: Sequence[int] | np.ndarray, select, *,
                  device: torch.device | str, hot_dtype: torch.dtype, worker: ColdWorker, stats: HybridStats,
-                 cold_threads: int | None = None, cold_pool: str = "team"):
+                 cold_threads: int | None = None, cold_pool: str = "team", hot_format: str | None = None):
         super().__init__()
         kind, w1, w2, b1, down, out_bias = _ffn_sides(mlp)
         n, d = w1.shape
@@ -135,13 +144,24 @@ class HybridFFN(FFNModule):
 
         hot_t = torch.from_numpy(hot)
         to_dev = dict(device=self.device, dtype=hot_dtype)
-        self.w1 = w1[hot_t].to(**to_dev).contiguous()  # [h, d]
-        self.w2 = w2[hot_t].to(**to_dev).contiguous() if w2 is not None else None
+        if hot_format not in (None, *HOT_FORMATS):
+            raise ValueError(f"hot_format={hot_format!r}: expected None (float rows) or one of {HOT_FORMATS}")
+        self.hot_format = hot_format
         self.b1 = b1[hot_t].to(**to_dev).contiguous() if b1 is not None else None
-        self.w3t = down[:, hot_t].T.to(**to_dev).contiguous()  # [h, d]: down columns as rows
+        bias_bytes = self.b1.element_size() if b1 is not None else 0
+        self.hot_rows = self.hot_down = self.w1 = self.w2 = self.w3t = None
+        if hot_format is None:
+            self.w1 = w1[hot_t].to(**to_dev).contiguous()  # [h, d]
+            self.w2 = w2[hot_t].to(**to_dev).contiguous() if w2 is not None else None
+            self.w3t = down[:, hot_t].T.to(**to_dev).contiguous()  # [h, d]: down columns as rows
+            self.hot_bytes_per_neuron = (3 if w2 is not None else 2) * d * self.w1.element_size() + bias_bytes
+        else:  # packed 4-bit rows (offload.formats.packed_rows); none at all for a layer without hot neurons
+            rows, down_q = build_packed_hot(mlp, hot, w1, w2, down) if hot.size else (None, None)
+            self.hot_rows = None if rows is None else rows.to(self.device)
+            self.hot_down = None if down_q is None else down_q.to(self.device)
+            self.hot_bytes_per_neuron = 0 if rows is None else (
+                (rows.nbytes + down_q.nbytes - down_q.table_nbytes) // hot.size + bias_bytes)
         self.out_bias = out_bias.to(device=self.device, dtype=torch.float32) if out_bias is not None else None
-        self.hot_bytes_per_neuron = (3 if w2 is not None else 2) * d * self.w1.element_size() + \
-            (self.b1.element_size() if b1 is not None else 0)
 
         # Cold rows keep 16-bit storage when the dense weights have it (half the bytes per neuron, fp32
         # accumulation in the kernel), else fp32. The fc1 bias stays fp32.
@@ -200,9 +220,18 @@ class HybridFFN(FFNModule):
         """models.ffn_kind.activation in the hot kernels' terms (for OPT, g is fc1's output and u None)."""
         return activation(self.kind, None, g) if u is None else activation(self.kind, g, u)
 
+    @property
+    def hot_nbytes(self) -> int:
+        """Bytes the hot side holds on the device (weights, fc1 bias, a packed layer's scale table)."""
+        held = [self.w1, self.w2, self.w3t, self.b1]
+        total = sum(t.numel() * t.element_size() for t in held if t is not None)
+        return total + sum(p.nbytes for p in (self.hot_rows, self.hot_down) if p is not None)
+
     def _hot_rows(self, x2: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """The hot rows ``rows`` (local ids on the device; None: all) in torch → [t, d] fp32: prompts on
         any device, and decode when the "device" is the CPU."""
+        if self.hot_format is not None:
+            return self._hot_rows_packed(x2, rows)
         w1, w2, b1, w3t = self.w1, self.w2, self.b1, self.w3t
         if rows is not None:
             w1, w3t = w1[rows], w3t[rows]
@@ -213,8 +242,32 @@ class HybridFFN(FFNModule):
         u = torch.nn.functional.linear(xh, w2).float() if w2 is not None else None
         return self._act(g, u) @ w3t.float()
 
+    def _hot_rows_packed(self, x2: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """_hot_rows over packed rows: dequantize PACKED_CHUNK neurons at a time (the kernels' torch
+        references, offload.formats.packed_rows), fp32 throughout."""
+        from offload.formats.packed_rows import dequantize_down, dequantize_rows
+
+        if rows is None:
+            rows = torch.arange(self.n_hot, device=self.device)
+        xf = x2.float()
+        y = torch.zeros(x2.shape, dtype=torch.float32, device=self.device)
+        for i in range(0, rows.numel(), PACKED_CHUNK):
+            part = rows[i:i + PACKED_CHUNK].to(self.device, torch.int64)
+            w = dequantize_rows(self.hot_rows.select(part))  # [P, c, d]
+            g = xf @ w[0].T
+            if self.b1 is not None:
+                g = g + self.b1.index_select(0, part).float()
+            h = self._act(g, xf @ w[1].T if w.shape[0] == 2 else None)
+            y += h @ dequantize_down(self.hot_down.select(part))
+        return y
+
     def _hot_kernels(self, x2: torch.Tensor, hot_local: torch.Tensor) -> torch.Tensor:
         """The hot kernels (offload.kernels, Triton) over hot_local (int32, −1-padded) → [t, d] fp32."""
+        if self.hot_format is not None:
+            from offload.kernels.sparse_down_q4 import ffn_hot_forward_q4
+
+            return ffn_hot_forward_q4(x2, hot_local, rows=self.hot_rows, down=self.hot_down, b1=self.b1,
+                                      activation=self.kind.value)
         from offload.kernels.sparse_down import ffn_hot_forward
 
         return ffn_hot_forward(x2.to(self.w1.dtype), hot_local, w1=self.w1, w3t=self.w3t, w2=self.w2, b1=self.b1,
@@ -366,10 +419,13 @@ def uses_spinning_pool(device: torch.device | str) -> bool:
 
 def apply_placement(model: nn.Module, hot_ids: Sequence[np.ndarray], selectors: Sequence | None,
                     *, device: torch.device | str = "cpu", hot_dtype: torch.dtype | None = None,
-                    cold_threads: int | None = None, worker: ColdWorker | None = None) -> HybridStats:
+                    cold_threads: int | None = None, worker: ColdWorker | None = None,
+                    hot_format: str | None = None) -> HybridStats:
     """Replace every ``layers[i].mlp`` of ``model`` with a HybridFFN (in place) and move the rest of
     the model to ``device``. hot_ids[i]: layer i's hot neuron ids; selectors[i]: its runtime selector
     (offload.select; None: all neurons). Returns the stats object the layers update.
+    hot_format: None (hot rows at ``hot_dtype``, the default) or "int4" (packed 4-bit hot rows, module
+    docstring; plan the budget with ``plan_memory(hot_format=offload.packed_hot.packed_hot_layouts(model))``).
 
     Refused for a model whose FFNs are already hybrid: place a freshly loaded model instead."""
     layers = model.layers
@@ -377,6 +433,8 @@ def apply_placement(model: nn.Module, hot_ids: Sequence[np.ndarray], selectors: 
         raise ValueError("the model's FFNs are already split (HybridFFN): load the model again to place it anew")
     if len(hot_ids) != len(layers):
         raise ValueError(f"placement has {len(hot_ids)} layers, the model {len(layers)}")
+    if hot_format not in (None, *HOT_FORMATS):
+        raise ValueError(f"hot_format={hot_format!r}: expected None (float rows) or one of {HOT_FORMATS}")
     selectors = list(selectors) if selectors is not None else [None] * len(layers)
     device = torch.device(device)
     hot_dtype = hot_dtype or model.dtype
@@ -388,7 +446,8 @@ def apply_placement(model: nn.Module, hot_ids: Sequence[np.ndarray], selectors: 
     for i, layer in enumerate(layers):
         dense = layer.mlp
         layer.mlp = HybridFFN(dense, hot_ids[i], selectors[i], device=device, hot_dtype=hot_dtype,
-                              worker=worker, stats=stats, cold_threads=cold_threads, cold_pool=cold_pool)
+                              worker=worker, stats=stats, cold_threads=cold_threads, cold_pool=cold_pool,
+                              hot_format=hot_format)
         del dense  # its weights now live on the two sides
     if device.type != "cpu":
         # On an accelerator the non-FFN part takes the hot side's dtype, as the placement's memory plan

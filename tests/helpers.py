@@ -1,10 +1,12 @@
 """Helpers shared by test modules (pytest puts tests/ on sys.path: ``from helpers import ...``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -33,6 +35,26 @@ def interpreter_worker_results(test_file: str, marker: str) -> dict:
     pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
 
 
+# 4-bit layout name (offload.formats.packed_rows) → the GGUF type of a source matrix in it (None: int4, RTN)
+Q4_SOURCES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k": "Q4_K", "int4": None}
+
+
+def q4_source(layout: str, rows: int, cols: int, seed: int = 0):
+    """A random packed matrix [rows, cols] in a 4-bit layout: GGUF blocks with random codes and scales
+    (gguf_blocks.random_rows), or for "int4" a standard normal matrix quantized round-to-nearest."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as QT
+
+    from offload.formats import packed as pk
+    from offload.formats.gguf_blocks import random_rows
+
+    rng = np.random.default_rng(seed)
+    if Q4_SOURCES[layout] is None:
+        return pk.quantize(rng.standard_normal((rows, cols)).astype(np.float32), bits=4)
+    qtype = QT[Q4_SOURCES[layout]]
+    return pk.pack_gguf(random_rows(qtype, rows, cols, rng), qtype, cols)
+
+
 def oracle_relu(mlp):
     """Exact activity of a ReLU-family FFN as a selector (offload.select): neurons whose activation is
     non-zero for any token of x [b, d]."""
@@ -53,3 +75,58 @@ def case_result(run, case) -> str:
 def report_interpreter_results(marker: str, results: dict) -> None:
     """The child side of interpreter_worker_results: print the results after ``marker``."""
     print(marker + json.dumps(results), flush=True)
+
+
+@contextlib.contextmanager
+def patched_config(module, name: str, value: dict | None):
+    """Temporarily update the dict ``module.name`` (a kernel module's INTERPRETER_CONFIG or SPLIT_CONFIG)
+    with ``value``; the kernels read it at launch."""
+    config = getattr(module, name)
+    old = dict(config)
+    config.update(value or {})
+    try:
+        yield
+    finally:
+        config.clear()
+        config.update(old)
+
+
+def compile_sm90(fn, signature: dict, constants: dict, num_warps: int = 4, num_stages: int | None = None):
+    """A Triton kernel compiled ahead of time for an H100 (sm_90), no GPU needed: what the interpreter lets
+    through (types, layouts, unsupported ops) fails here. Skips the test where Triton has no CUDA backend
+    or no usable ptxas. ``signature``: argument → type, constexprs included (as "constexpr")."""
+    import triton
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no CUDA backend")
+    options = dict(num_warps=num_warps, enable_fp_fusion=True)
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    try:
+        return triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
+    except RuntimeError as e:
+        if "ptxas" in str(e) or "No such file" in str(e):
+            pytest.skip(f"no usable ptxas: {e}")
+        raise
+
+
+def assert_no_spills(kernels) -> None:
+    """Every compiled kernel has a cubin, and (where cuobjdump exists) no register spills to local memory."""
+    import triton
+
+    try:
+        cuobjdump = triton.knobs.nvidia.cuobjdump.path
+    except Exception:  # pragma: no cover - older Triton
+        cuobjdump = None
+    for kernel in kernels:
+        assert kernel.asm.get("cubin"), "no cubin produced"
+        if cuobjdump:  # spills show up as LOCAL bytes in the cubin's resource usage
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                       text=True).stdout
+            assert "LOCAL:0 " in usage, f"register spills to local memory:\n{usage}"

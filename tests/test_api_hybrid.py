@@ -39,6 +39,28 @@ def test_offload_places_within_budget_and_generates(tiny_prepared):
     m.model.hybrid_worker.close()
 
 
+def test_quantized_model_places_packed_hot_rows(tiny_prepared):
+    """FFN weights stored int4 on the CPU: offload() packs the hot rows (offload.packed_hot), the plan counts
+    the packed bytes (so the budget holds several times the neurons of fp32 rows) and they equal the built
+    tensors' bytes."""
+    ckpt, prep = tiny_prepared
+    BUDGET = 215_000  # ~15 KB past the fixed part: ~20 fp32 neurons
+    dense = OffloadedModel(build_model(ckpt, progress=False), None, ckpt, device=torch.device("cpu"))
+    dense.offload(BUDGET, device=torch.device("cpu"), context=64, prepared=prep, progress=False)
+    m = OffloadedModel(build_model(ckpt, progress=False, weights="int4", activations="float32"), None, ckpt,
+                       device=torch.device("cpu"))
+    m.offload(BUDGET, device=torch.device("cpu"), context=64, prepared=prep, progress=False)
+    p = m.placement
+    assert p.total_bytes <= BUDGET and 192 > sum(p.hot_counts) >= 3 * sum(dense.placement.hot_counts) > 0
+    mlps = [layer.mlp for layer in m.model.layers]
+    assert all(mlp.hot_format == "int4" for mlp in mlps)
+    assert sum(mlp.hot_nbytes for mlp in mlps) == sum(p.layer_hot_bytes)
+    m.generate(rand_ids(6, 9)[None], max_new_tokens=4, eos_token_id=[])
+    assert m.hybrid_stats.active_hot > 0
+    for model in (dense, m):
+        model.model.hybrid_worker.close()
+
+
 def test_zero_budget_on_the_cpu_leaves_every_neuron_cold(tiny_prepared):
     ckpt, prep = tiny_prepared
     m = OffloadedModel(build_model(ckpt, progress=False), None, ckpt, device=torch.device("cpu"))

@@ -44,10 +44,12 @@ def test_relu_model_on_gpu_equals_dense(tiny_checkpoint, kind):
     model.hybrid_worker.close()
 
 
+@pytest.mark.parametrize("hot_format", [None, "int4"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_swiglu_gpu_step_equals_cpu_hybrid(tiny_checkpoint, batch):
+def test_swiglu_gpu_step_equals_cpu_hybrid(tiny_checkpoint, batch, hot_format):
     """The GPU step (−1-padded ids on the device, hot kernels queued first, one copy each way) against
-    the same placement and selection with the "device" on the CPU, for one token and for a batch."""
+    the same placement and selection with the "device" on the CPU, for one token and for a batch; with
+    packed 4-bit hot rows too (the Triton q4 kernels against their torch references)."""
     dense = build_model(open_checkpoint(tiny_checkpoint("llama")), progress=False)
     n = dense.config.intermediate_size
     rng = np.random.default_rng(1)
@@ -59,7 +61,9 @@ def test_swiglu_gpu_step_equals_cpu_hybrid(tiny_checkpoint, batch):
         mlps = [copy.deepcopy(layer.mlp).to(device) for layer in dense.layers]
         sel = [CallableSelector(lambda x, m=m: m.intermediate(x).abs().topk(n // 2, dim=-1).indices.flatten(), n)
                for m in mlps]
-        stats = apply_placement(model, hot, sel, device=device, hot_dtype=torch.float32)
+        stats = apply_placement(model, hot, sel, device=device, hot_dtype=torch.float32, hot_format=hot_format)
+        if hot_format:
+            assert model.layers[0].mlp.hot_rows.codes.device.type == device
         runs[device] = (greedy_logits(model, ids, 5), stats.active_hot, stats.active_cold)
         model.hybrid_worker.close()
     torch.testing.assert_close(runs["cuda"][0], runs["cpu"][0], rtol=1e-4, atol=1e-4)

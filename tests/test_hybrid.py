@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from offload.checkpoint import open_checkpoint
+from offload.formats import apply_weight_format
 from offload.hybrid import apply_placement
 from offload.loading import build_model
 from offload.models.common import FFNModule
@@ -72,17 +73,25 @@ def sparse_reference(dense, selectors):
     return model
 
 
-def test_swiglu_matches_sparse_semantics(tiny_checkpoint):
+@pytest.mark.parametrize("hot_format", [None, "int4"])
+def test_swiglu_matches_sparse_semantics(tiny_checkpoint, hot_format):
+    """With hot_format="int4" the model is stored int4 on the CPU (offload.formats) and the hot side reads
+    those rows losslessly (offload.packed_hot), through the packed kernels' torch references. The dense
+    reference takes fp32 x (activations="float32"), as the hot side does."""
     dense = build_model(open_checkpoint(tiny_checkpoint("llama")), progress=False)
+    if hot_format:
+        dense = apply_weight_format(dense, "int4", threads=1, activations="float32")
     selectors = [topk_selector(copy.deepcopy(layer.mlp), 0.4) for layer in dense.layers]
     ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(3))
     expected = greedy_logits(sparse_reference(dense, selectors), ids, 5)
     rng = np.random.default_rng(1)
     for name, hot in placements(dense.config.intermediate_size, len(dense.layers), rng):
         model = copy.deepcopy(dense)
-        apply_placement(model, hot, selectors, device="cpu")
+        stats = apply_placement(model, hot, selectors, device="cpu", hot_format=hot_format)
         got = greedy_logits(model, ids, 5)
         assert (got - expected).abs().max().item() <= 1e-5, name
+        if hot_format and name == "all-hot":  # d = 64: gate and up rows 32 + 8 bytes, a down column 32 + 4
+            assert stats.bytes_hot == stats.active_hot * (2 * (32 + 8) + 32 + 4) and stats.active_cold == 0
         model.hybrid_worker.close()
 
 

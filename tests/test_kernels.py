@@ -13,15 +13,14 @@
 from __future__ import annotations
 
 import functools
-import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import case_result, interpreter_worker_results, report_interpreter_results
+from helpers import (assert_no_spills, case_result, compile_sm90, interpreter_worker_results, patched_config,
+                     report_interpreter_results)
 
 from offload.kernels import gather_gemv as gg_mod
 from offload.kernels import sparse_down as sd_mod
@@ -125,18 +124,6 @@ CASES["ffn-swiglu-fp16-b2-rand"] = dict(op="ffn", act="swiglu", dt="fp16", b=2, 
 CASES["ffn-relu_fc-fp32-b1-padded"] = dict(op="ffn", act="relu_fc", dt="fp32", b=1, idx="padded")
 
 
-def _patched(module, name: str, value: dict | None):
-    class _Ctx:
-        def __enter__(self):
-            self.old = dict(getattr(module, name))
-            getattr(module, name).update(value or {})
-
-        def __exit__(self, *exc):
-            getattr(module, name).clear()
-            getattr(module, name).update(self.old)
-    return _Ctx()
-
-
 def _run_case(c: dict) -> None:
     dtype = DTYPES[c["dt"]]
     x, w1, w2, w3t, b1 = make_ffn(c["b"], dtype, seed=len(c["idx"]) + c["b"])
@@ -153,15 +140,15 @@ def _run_case(c: dict) -> None:
         kw = act_args(c["act"], w2, b1)
         if c.get("bias"):
             kw["b1"] = b1
-        with _patched(gg_mod, "INTERPRETER_CONFIG", c.get("config")):
+        with patched_config(gg_mod, "INTERPRETER_CONFIG", c.get("config")):
             out = gather_gemv_triton(x, w1, idx, **kw)
         ref = gather_gemv_reference(x, w1, idx, **kw)
         expected_shape = (c["b"], k)
     elif c["op"] == "down":
         g = torch.Generator().manual_seed(1)
         h = torch.randn(c["b"], k, generator=g).to(DTYPES[c.get("h_dt", "fp32")])
-        with _patched(sd_mod, "INTERPRETER_CONFIG", c.get("config")), \
-                _patched(sd_mod, "SPLIT_CONFIG", c.get("split")):
+        with patched_config(sd_mod, "INTERPRETER_CONFIG", c.get("config")), \
+                patched_config(sd_mod, "SPLIT_CONFIG", c.get("split")):
             if "split" in c:
                 assert split_plan(k)[1] > 1
             out = sparse_down_triton(h, w3t, idx)
@@ -403,25 +390,8 @@ def test_kernels_compile_for_sm90():
     """Compile the kernels ahead of time for an H100 (sm_90) without a GPU: catches what the
     interpreter lets through (types, layouts, unsupported ops) and checks that nothing spills to
     local memory (cuobjdump's resource usage). Skipped where Triton has no CUDA backend."""
-    import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no CUDA backend")
-    target = GPUTarget("cuda", 90, 32)
-
     def compile_(fn, sig, const, cfg=None):
-        opts = dict(num_warps=cfg.num_warps if cfg else 4, enable_fp_fusion=True)
-        if cfg:
-            opts["num_stages"] = cfg.num_stages
-        try:
-            return triton.compile(ASTSource(fn, sig, const), target=target, options=opts)
-        except RuntimeError as e:
-            if "ptxas" in str(e) or "No such file" in str(e):
-                pytest.skip(f"no usable ptxas: {e}")
-            raise
+        return compile_sm90(fn, sig, const, cfg.num_warps if cfg else 4, cfg.num_stages if cfg else None)
 
     def gg_sig(dt):
         return dict(x_ptr=f"*{dt}", w1_ptr=f"*{dt}", w2_ptr=f"*{dt}", b1_ptr=f"*{dt}", idx_ptr="*i32",
@@ -445,22 +415,10 @@ def test_kernels_compile_for_sm90():
     for dt, bp in (("fp16", 1), ("fp32", 8)):
         cfg = sd_mod._cuda_configs(bp)[-1]
         kernels.append(compile_(sd_mod._sparse_down_kernel, sd_sig(dt), dict(BATCH_PAD=bp, **cfg.kwargs), cfg))
-    kernels.append(compile_(sd_mod._sum_splits_kernel,
+    kernels.append(compile_(sd_mod.sum_splits_kernel,
                             dict(part_ptr="*fp32", y_ptr="*fp32", NUMEL="i32", SPLIT="i32", BLOCK="constexpr"),
                             dict(BLOCK=1024)))
-    try:
-        cuobjdump = triton.knobs.nvidia.cuobjdump.path
-    except Exception:  # pragma: no cover - older Triton
-        cuobjdump = None
-    for kernel in kernels:
-        assert kernel.asm.get("cubin"), "no cubin produced"
-        if cuobjdump:  # spills show up as LOCAL bytes in the cubin's resource usage
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(kernel.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                       text=True).stdout
-            assert "LOCAL:0 " in usage, f"register spills to local memory:\n{usage}"
+    assert_no_spills(kernels)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Memory accounting: bytes accounted from the config equal the bytes of the tensors actually built."""
+import numpy as np
 import pytest
 import torch
 
@@ -115,3 +116,99 @@ def test_hf_dict_config_and_check_fits():
     ("model.decoder.project_out.weight", "projections"), ("some.unknown.tensor", "other")])
 def test_classify(name, role):
     assert classify_tensor(name) == role
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed 4-bit hot rows (hot_format): the plan counts the tensors apply_placement builds
+# --------------------------------------------------------------------------------------------------
+PACKABLE = {  # widths in groups of 32 (the K type: 256) so that every layout applies
+    "llama": (llama.LlamaModel, llama.LlamaConfig(**{**LLAMA, "hidden_size": 64, "intermediate_size": 96,
+                                                     "head_dim": 16, "num_attention_heads": 4})),
+    "opt": (opt.OPTModel, opt.OPTConfig(**{**OPT, "ffn_dim": 96}, tie_word_embeddings=True)),
+}
+
+
+def random_model(model_cls, cfg, seed=0):
+    model = model_cls(cfg, dtype=torch.float32, device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.1
+    return model
+
+
+def hot_sets(plan):
+    """Some neurons hot in the first layer, none in the second, all in the last."""
+    rng = np.random.default_rng(0)
+    n = plan.neurons
+    return [np.sort(rng.choice(n[0], n[0] // 3, replace=False)), np.arange(0)] + [np.arange(k) for k in n[2:]]
+
+
+@pytest.mark.parametrize("case", sorted(PACKABLE))
+@pytest.mark.parametrize("hot_dtype", [torch.float32, torch.float16])
+def test_packed_plan_equals_built_tensors(case, hot_dtype):
+    from offload.hybrid import apply_placement
+
+    model_cls, cfg = PACKABLE[case]
+    model = random_model(model_cls, cfg)
+    plan = plan_memory(cfg, dtype=hot_dtype, device="cpu", hot_format="int4")
+    dense_plan = plan_memory(cfg, dtype=hot_dtype, device="cpu")
+    assert plan.fixed_bytes == dense_plan.fixed_bytes and plan.hot_format == "int4"
+    hot = hot_sets(plan)
+    apply_placement(model, hot, None, device="cpu", hot_dtype=hot_dtype, hot_format="int4")
+    for layer, h, nb, table in zip(model.layers, hot, plan.neuron_bytes, plan.layer_bytes):
+        assert layer.mlp.hot_nbytes == len(h) * nb + (table if len(h) else 0)
+    # all hot: every layer's rows and table
+    everything = random_model(model_cls, cfg)
+    apply_placement(everything, [np.arange(k) for k in plan.neurons], None, device="cpu", hot_dtype=hot_dtype,
+                    hot_format="int4")
+    assert sum(layer.mlp.hot_nbytes for layer in everything.layers) == plan.ffn_bytes
+    # ~3.4× fewer bytes a neuron than at fp16 (d = 32..64 here: the group scales weigh a bit more)
+    assert plan_memory(cfg, dtype="float16").neuron_bytes[0] / plan.neuron_bytes[0] > 2.5
+    model.hybrid_worker.close()
+    everything.hybrid_worker.close()
+
+
+def test_report_plan_for_a_gguf_packed_model_equals_built():
+    """The report's placement for a model whose FFNs are GGUF blocks (Q4_K gate/up; Q4_0 down, and a Q6_K
+    down that the hot side quantizes to int4): per-layer layouts from packed_hot_layouts, and the bytes the
+    report counts on the GPU are the bytes of the hot tensors built."""
+    from offload.hybrid import apply_placement
+    from offload.packed_hot import packed_hot_layouts
+    from offload.place.report import build_report
+    from test_hybrid_packed import gguf_ffn_model
+
+    model = gguf_ffn_model()
+    layouts = packed_hot_layouts(model)
+    cfg = model.config
+    base = plan_memory(cfg, dtype="float16", context=16)
+    rng = np.random.default_rng(3)
+    freqs = [rng.random(512) ** 3 for _ in range(2)]
+    held: list = []
+    r = build_report(cfg, budget=base.fixed_bytes + 300_000, frequencies=freqs, context=16, cpu_bw=1e10,
+                     gpu="H100 SXM", hot_format=layouts, placement_out=held)
+    plan, placement, _ = held
+    assert r["hot_format"] == "int4" and plan.layer_bytes[0] != plan.layer_bytes[1]
+    assert 0 < r["placement"]["hot_neurons"] < 1024
+    apply_placement(model, placement.hot, None, device="cpu", hot_format="int4")
+    built = [layer.mlp.hot_nbytes for layer in model.layers]
+    assert sum(built) == r["memory"]["gpu_hot_ffn_bytes"] == placement.hot_bytes
+    assert [row["gpu_mib"] * 2**20 for row in r["layers"]] == pytest.approx(built, abs=1e-6)
+    assert r["memory"]["gpu_total_bytes"] <= r["budget_bytes"]
+    model.hybrid_worker.close()
+
+
+def test_hot_format_checks():
+    cfg = CASES["llama-untied"][1]  # d = 48: not in groups of 32
+    with pytest.raises(ValueError, match="multiple of 32 columns, got 48"):
+        plan_memory(cfg, hot_format="int4")
+    cfg = PACKABLE["llama"][1]
+    with pytest.raises(ValueError, match="expected one of int4, q4_0"):
+        plan_memory(cfg, hot_format="int8")
+    with pytest.raises(ValueError, match="2 per-layer"):
+        plan_memory(cfg, hot_format=[("q4_0", "q4_0")] * 2)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        plan_memory(cfg, hot_format="q4_k")
+    by_layer = plan_memory(cfg, hot_format=[("q4_0", "q4_1"), ("int4", "int4"), ("q4_1", "q4_0")])
+    d, n = 64, 96
+    assert by_layer.neuron_bytes == (2 * (32 + 4) + 36, 2 * (32 + 8) + 36, 2 * (32 + 8) + 36)
+    assert by_layer.layer_bytes == (n * d // 8, n * d // 8, n * d // 16)

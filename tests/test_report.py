@@ -14,7 +14,7 @@ from offload.place.report_cli import load_profile_frequencies, model_sizes
 
 CONFIG = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 256,
           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
-TOP_KEYS = {"schema", "model", "model_identity", "model_type", "dtype", "cpu_dtype", "context", "batch",
+TOP_KEYS = {"schema", "model", "model_identity", "model_type", "dtype", "hot_format", "cpu_dtype", "context", "batch",
             "budget_bytes", "frequencies", "profile", "density", "memory", "placement", "layers", "roofline"}
 MEMORY_KEYS = {"gpu", "gpu_fixed_bytes", "gpu_hot_ffn_bytes", "gpu_total_bytes", "gpu_free_bytes",
                "cpu_cold_ffn_bytes", "cpu_other_bytes", "cpu_device_fixed_bytes"}
@@ -122,6 +122,23 @@ def test_run_report_config_only_directory_json(config_dir):
     assert set(r) == TOP_KEYS and r["frequencies"] == "uniform (no profile)" and r["profile"] is None
     assert r["model"] == str(config_dir) and len(r["model_identity"]) == 16 and r["context"] == 256
     assert r["roofline"]["cpu_bandwidth"] == 20e9 and r["placement"]["hot_neurons"] == 1024  # all fit
+
+
+def test_int4_hot_rows_hold_more_neurons(config_dir):
+    """--dtype int4: hot FFN rows packed 4-bit (the rest fp16); the same budget holds ~3× more hot neurons
+    (d = 64 here: per neuron 2·(32 + 8) + 36 bytes against 3·64·2, less each used layer's down table)."""
+    fp16 = report("100KiB", density=0.3)
+    int4 = report("100KiB", density=0.3, hot_format="int4")
+    assert int4["hot_format"] == "int4" and int4["dtype"] == "float16" and fp16["hot_format"] == "float16"
+    assert int4["memory"]["gpu_fixed_bytes"] == fp16["memory"]["gpu_fixed_bytes"]
+    hot16, hot4 = fp16["placement"]["hot_neurons"], int4["placement"]["hot_neurons"]
+    tables = sum(256 * 64 // 8 for row in int4["layers"] if row["hot"])
+    assert hot16 == 100 * 1024 // 384 and hot4 == (100 * 1024 - tables) // 116 and hot4 > 2.9 * hot16
+    assert int4["memory"]["gpu_hot_ffn_bytes"] == hot4 * 116 + tables
+    out = run(str(config_dir), "--gpu-memory", "1GiB", "--dtype", "int4", "--context", "64")
+    assert "float16 on the GPU (hot FFN rows int4)" in out
+    r = json.loads(run(str(config_dir), "--gpu-memory", "1GiB", "--dtype", "int4", "--json"))
+    assert r["hot_format"] == "int4" and r["memory"]["gpu_hot_ffn_bytes"] == 1024 * 116 + 4 * 256 * 64 // 8
 
 
 def write_profile(path, identity, layers=4, n=256, tokens=1000):

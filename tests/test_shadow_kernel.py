@@ -11,15 +11,14 @@ Same scheme as tests/test_kernels.py:
 """
 from __future__ import annotations
 
-import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import case_result, interpreter_worker_results, report_interpreter_results
+from helpers import (assert_no_spills, case_result, compile_sm90, interpreter_worker_results, patched_config,
+                     report_interpreter_results)
 
 from offload.kernels import shadow_scores as ss_mod
 from offload.kernels.gather_gemv import interpreter_active
@@ -81,19 +80,6 @@ CASES["int8-relu-fp32-b1-smallblocks"] = dict(bits=8, kind="relu", dt="fp32", b=
                                               config={"BLOCK_N": 8, "BLOCK_D": 16})
 
 
-class _patched:
-    def __init__(self, name: str, value: dict | None):
-        self.name, self.value = name, value or {}
-
-    def __enter__(self):
-        self.old = dict(getattr(ss_mod, self.name))
-        getattr(ss_mod, self.name).update(self.value)
-
-    def __exit__(self, *exc):
-        getattr(ss_mod, self.name).clear()
-        getattr(ss_mod, self.name).update(self.old)
-
-
 def _run_case(c: dict) -> None:
     bits = c["bits"]
     x, qg, sg, qu, su, bg, bu = make(bits, c["b"], DTYPES[c["dt"]], seed=c["b"], d=c.get("d", D),
@@ -105,7 +91,7 @@ def _run_case(c: dict) -> None:
     launcher, reference = ((shadow_scores_int4_triton, shadow_scores_int4_reference) if bits == 4 else
                            (shadow_scores_int8_triton, shadow_scores_int8_reference))
     cfg_name = "INTERPRETER_CONFIG_INT4" if bits == 4 else "INTERPRETER_CONFIG_INT8"
-    with _patched(cfg_name, c.get("config")):
+    with patched_config(ss_mod, cfg_name, c.get("config")):
         out = launcher(x, qg, sg, qu, su, bg, bu, c["kind"])
     ref = reference(x, qg, sg, qu, su, bg, bu, c["kind"])
     assert out.dtype == torch.float32 and tuple(out.shape) == (c["b"], N), (out.dtype, out.shape)
@@ -235,14 +221,6 @@ def test_autotuners_construct():
 def test_kernels_compile_for_sm90():
     """Compile ahead of time for an H100 (sm_90) without a GPU, with the largest tiles the tuner may
     pick, and check that nothing spills to local memory. Skipped where Triton has no CUDA backend."""
-    import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no CUDA backend")
-    target = GPUTarget("cuda", 90, 32)
     common = dict(x_ptr="*{dt}", qg_ptr="*{q}", sg_ptr="*fp16", qu_ptr="*{q}", su_ptr="*fp16", bg_ptr="*fp32",
                   bu_ptr="*fp32", out_ptr="*fp32", B="i32", N="i32", D="i32")
     kernels = []
@@ -260,27 +238,8 @@ def test_kernels_compile_for_sm90():
                    **{k: "constexpr" for k in cfgs[0].kwargs if k != "BLOCK_N"})
         cfg = max(cfgs, key=lambda c: c.kwargs["BLOCK_N"] * list(c.kwargs.values())[1] / c.num_warps)
         const = dict(KIND=kind, HAS_BIAS=bias, BATCH_PAD=bp, **cfg.kwargs)
-        try:
-            kernels.append(triton.compile(ASTSource(fn, sig, const), target=target,
-                                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                                       enable_fp_fusion=True)))
-        except RuntimeError as e:
-            if "ptxas" in str(e) or "No such file" in str(e):
-                pytest.skip(f"no usable ptxas: {e}")
-            raise
-    try:
-        cuobjdump = triton.knobs.nvidia.cuobjdump.path
-    except Exception:  # pragma: no cover - older Triton
-        cuobjdump = None
-    for kernel in kernels:
-        assert kernel.asm.get("cubin"), "no cubin produced"
-        if cuobjdump:
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(kernel.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                       text=True).stdout
-            assert "LOCAL:0 " in usage, f"register spills to local memory:\n{usage}"
+        kernels.append(compile_sm90(fn, sig, const, cfg.num_warps, cfg.num_stages))
+    assert_no_spills(kernels)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ from offload.place.solver import Placement, solve_placement
 FIXED = 1000
 
 
-def brute_force(freqs, nb, cap, c):
-    """Best mass over every subset of neurons (small instances only)."""
+def brute_force(freqs, nb, cap, c, extra=None):
+    """Best mass over every subset of neurons (small instances only); extra[i]: bytes a layer pays once
+    when it holds a hot neuron."""
     sizes = [len(f) for f in freqs]
     f_all = np.concatenate(freqs)
     layer = np.repeat(np.arange(len(freqs)), sizes)
@@ -25,6 +26,8 @@ def brute_force(freqs, nb, cap, c):
     for i, n in enumerate(sizes):
         hot = masks[:, layer == i].sum(1)
         ok &= (hot == 0) | (hot >= min(c, n))
+        cost += (hot > 0) * (extra[i] if extra else 0)
+    ok &= cost <= cap
     return mass[ok].max()
 
 
@@ -62,6 +65,31 @@ def test_milp_and_greedy_against_brute_force(seed, c, nb):
         assert mass(freqs, g) <= best + 1e-9
         if c == 0 and len(set(nb)) == 1:  # global top-k is exact
             assert mass(freqs, g) == pytest.approx(best, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("c", [0, 2])
+def test_layer_bytes_against_brute_force(seed, c):
+    """Per-layer bytes paid once by a layer holding any hot neuron (packed hot rows' down tables): the
+    MILP stays exact, greedy valid, auto the better of the two; total_bytes counts them."""
+    rng = np.random.default_rng(10 + seed)
+    freqs = [rng.random(4) ** 2 for _ in range(3)]
+    nb, extra = [10, 7, 13], [15, 0, 30]
+    for cap in np.linspace(0, sum(nb) * 4 + sum(extra), 8).astype(int):
+        best = brute_force(freqs, nb, cap, c, extra)
+        budget = FIXED + int(cap)
+        kw = dict(min_hot_per_layer=c, layer_bytes=extra)
+        m = solve_placement(freqs, nb, FIXED, budget, method="milp", batch_size=1, **kw)
+        g = solve_placement(freqs, nb, FIXED, budget, method="greedy", **kw)
+        a = solve_placement(freqs, nb, FIXED, budget, **kw)
+        for p in (m, g, a):
+            check_valid(p, budget, c)
+            assert p.layer_hot_bytes == tuple(len(h) * b + (e if len(h) else 0)
+                                              for h, b, e in zip(p.hot, nb, extra))
+        assert mass(freqs, m) == pytest.approx(best, abs=1e-9) and mass(freqs, a) == pytest.approx(best, abs=1e-9)
+        assert mass(freqs, g) <= best + 1e-9
+    with pytest.raises(ValueError, match="layer_bytes: expected one int"):
+        solve_placement(freqs, nb, FIXED, FIXED + 100, layer_bytes=[1, 2])
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -171,6 +199,13 @@ def test_json_round_trip_save_load_and_identity(tmp_path):
     with pytest.raises(ArtifactError, match="made for model"):
         p.check_identity("other")
     p.check_identity("abc123")
+    with_tables = solve_placement(freqs, [6, 7, 8], 50, 150, layer_bytes=[9, 0, 4], method="greedy")
+    again = Placement.from_json(with_tables.to_json())
+    assert again == with_tables and again.hot_bytes == with_tables.hot_bytes
+    old = json.loads(with_tables.to_json())  # written before layer_bytes existed: 0 each
+    for layer in old["layers"]:
+        del layer["layer_bytes"]
+    assert Placement.from_json(json.dumps(old)).layer_bytes == (0, 0, 0)
 
 
 @pytest.mark.parametrize("text", ["not json", '{"format": "x"}', json.dumps(

@@ -20,7 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--gpu-memory", required=True, metavar="SIZE", help="GPU budget, e.g. 8GiB (2^30) or 8GB (10^9)")
     p.add_argument("--context", type=positive_int, default=4096, help="KV cache length in tokens")
     p.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together")
-    p.add_argument("--dtype", choices=DTYPES, default="float16", help="GPU weight dtype")
+    p.add_argument("--dtype", choices=(*DTYPES, "int4"), default="float16",
+                   help="GPU weight dtype; int4: hot FFN rows packed 4-bit (scale and min per group of 32, "
+                        "offload.formats.packed_rows), the rest float16")
     p.add_argument("--cpu-dtype", choices=DTYPES, default="float32",
                    help="cold rows' dtype in CPU RAM (generate's --weights)")
     p.add_argument("--profile", default=None, help="profile.safetensors (default: the model's cached profile for "
@@ -61,11 +63,12 @@ def run(args, *, load_frequencies=None, out=None) -> int:
     if gpu is None and rate["gpu_bandwidth"] is None:
         gpu = detected_gpu()
     held: list = []
+    dtype, packed = ("float16", {"hot_format": "int4"}) if args.dtype == "int4" else (args.dtype, {})
     report = build_report(config, budget=budget, frequencies=freqs, density=args.density, context=args.context,
-                          batch=args.batch, dtype=args.dtype, cpu_dtype=args.cpu_dtype, predictor_bytes=predictor,
+                          batch=args.batch, dtype=dtype, cpu_dtype=args.cpu_dtype, predictor_bytes=predictor,
                           min_hot_per_layer=args.min_hot, method=args.method, identity=identity,
                           source=args.model or "default (SmolLM2-135M-Instruct)", profile=profile, gpu=gpu,
-                          gpu_bw=rate["gpu_bandwidth"], cpu_bw=rate["cpu_bandwidth"], placement_out=held)
+                          gpu_bw=rate["gpu_bandwidth"], cpu_bw=rate["cpu_bandwidth"], placement_out=held, **packed)
     print(json.dumps(report, indent=1) if args.json else format_report_table(report), file=out)
     if args.plot:
         plot_report(held[2], held[1], args.plot)

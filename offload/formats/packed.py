@@ -267,7 +267,8 @@ def dequantize(P: PackedMatrix) -> np.ndarray:
 
 
 def row_codes(P: PackedMatrix, idx: np.ndarray) -> Codes:
-    """The codes and scales of rows ``idx`` (any order) as per-row arrays."""
+    """The codes and scales of rows ``idx`` (int64, any order) as per-row arrays: q [k, C] uint8, d [k, Gd]
+    (and m) float16, sc / mc [k, G] int8 or None; S and M per group as in the module docstring."""
     t, i = idx // P.tile, idx % P.tile
     q = np.empty((len(idx), P.cols), np.uint8)
     order = np.argsort(t, kind="stable")

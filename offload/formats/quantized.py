@@ -77,6 +77,12 @@ def operand_of(M: PackedMatrix | QuadMatrix):
     return quad_operand(M) if isinstance(M, QuadMatrix) else packed_operand(M)
 
 
+def row_codes(M: PackedMatrix | QuadMatrix, idx) -> packed.Codes:
+    """The codes and scales of rows ``idx`` of a matrix in either layout, as per-row arrays
+    (offload.formats.packed.row_codes' form)."""
+    return (quads if isinstance(M, QuadMatrix) else packed).row_codes(M, np.asarray(idx, dtype=np.int64))
+
+
 def dequantize_rows(M: PackedMatrix | QuadMatrix, idx) -> np.ndarray:
     """fp32 [len(idx), C]: rows ``idx`` of a matrix in either layout (bit for bit gguf's values)."""
     return (quads if isinstance(M, QuadMatrix) else packed).dequantize_rows(M, idx)

@@ -8,6 +8,11 @@ part of the fixed bytes: they are counted per neuron, since the solver decides w
 Fill order on the accelerator (PowerInfer's, which worked): attention, predictors, norms, output head, KV cache,
 scratch, then hot FFN rows. Every tensor is counted once per device that holds it: a tied head and
 embedding on the same device cost one table.
+
+Packed hot rows (``hot_format``, offload.formats.packed_rows): a hot neuron costs its packed gate/up rows
+(codes and per-row scales), its down column's codes and group id, and its per-neuron biases at ``dtype``;
+a layer holding any hot neuron also keeps its down projection's scale table (``layer_bytes``, charged by
+the solver once per such layer). The rest of the device side stays at ``dtype``.
 """
 from __future__ import annotations
 
@@ -72,7 +77,11 @@ class MemoryPlan:
     when ``embed_on_host``; empty when ``device`` is the CPU, where everything is one device).
     ``neurons[L]`` / ``neuron_bytes[L]``: FFN neurons of layer L and the bytes of one neuron at
     the device dtype (gate row + up row + down column + per-neuron biases; OPT: fc1 row + bias +
-    fc2 column). The solver gets ``fixed_bytes`` and ``neuron_bytes``.
+    fc2 column), or packed (``hot_format``: e.g. "int4"; see the module docstring), when
+    ``layer_bytes[L]`` is what layer L pays once if it holds any hot neuron (0 for float rows).
+    The solver gets ``fixed_bytes``, ``neuron_bytes`` and ``layer_bytes``. ``neuron_elements`` are the
+    weights of one neuron (what the CPU's cold rows hold at its own dtype); ``weight_bytes`` counts
+    every tensor at ``dtype``, packed or not.
 
     Scratch formula (decode buffers, ``tokens`` tokens in flight per sequence, default 1):
     ``batch·vocab·4`` (fp32 logits) ``+ 6·batch·tokens·max(d, 2n, qkv_out)·dtype_bytes``.
@@ -87,11 +96,14 @@ class MemoryPlan:
     neurons: tuple[int, ...]
     neuron_elements: tuple[int, ...]
     weight_bytes: int  # weights held, all devices together (each tensor once per device holding it)
+    hot_format: str = ""  # "" (hot rows at the device dtype) or the packed format's name
+    packed_neuron_bytes: tuple[int, ...] = ()  # per layer, with hot_format
+    layer_bytes: tuple[int, ...] = ()  # per layer, with hot_format: the down scale table
 
     @property
     def neuron_bytes(self) -> tuple[int, ...]:
-        """Bytes of one FFN neuron per layer, at the device dtype."""
-        return tuple(e * self.dtype_bytes for e in self.neuron_elements)
+        """Bytes of one FFN neuron per layer on the device: at the device dtype, or packed."""
+        return self.packed_neuron_bytes or tuple(e * self.dtype_bytes for e in self.neuron_elements)
 
     @property
     def fixed_bytes(self) -> int:
@@ -100,8 +112,8 @@ class MemoryPlan:
 
     @property
     def ffn_bytes(self) -> int:
-        """All FFN neurons of all layers at the device dtype."""
-        return sum(n * b for n, b in zip(self.neurons, self.neuron_bytes))
+        """All FFN neurons of all layers on the device (at its dtype, or packed with every layer's table)."""
+        return sum(n * b for n, b in zip(self.neurons, self.neuron_bytes)) + sum(self.layer_bytes)
 
     def check_fits(self, budget: int) -> None:
         """Raise BudgetError (budget, need by role, shortfall, what to try) if the fixed part
@@ -143,10 +155,23 @@ def _layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _hot_layouts(hot_format, layers: int) -> list:
+    """Per layer (gate/up layout, down layout) of offload.formats.packed_rows for ``hot_format``: a name
+    ("int4", "q4_0", "q4_1", "q4_k") for every layer, or one (gate/up name, down name) pair per layer."""
+    from offload.formats.packed_rows import hot_layout
+
+    if isinstance(hot_format, str):
+        return [(hot_layout(hot_format),) * 2] * layers
+    pairs = list(hot_format)
+    if len(pairs) != layers:
+        raise ValueError(f"hot_format has {len(pairs)} per-layer (gate/up, down) layouts for {layers} layers")
+    return [(hot_layout(a), hot_layout(b)) for a, b in pairs]
+
+
 def plan_memory(config, *, dtype: str | torch.dtype = "float16", device: str = "cuda", context: int = 4096,
                 batch: int = 1, kv_dtype: str | torch.dtype | None = None, predictor_bytes: int | list[int] = 0,
                 tokens: int = 1, context_reserve: int | None = None, embed_on_host: bool = False,
-                shapes: dict[str, tuple[int, ...]] | None = None) -> MemoryPlan:
+                shapes: dict[str, tuple[int, ...]] | None = None, hot_format=None) -> MemoryPlan:
     """Account a model's memory from its config (a family config dataclass or a HF config dict).
 
     ``predictor_bytes``: bytes of one layer's predictor (or a per-layer list), on ``device``.
@@ -154,6 +179,9 @@ def plan_memory(config, *, dtype: str | torch.dtype = "float16", device: str = "
     ``expected_tensors(config)`` (e.g. shapes read from a checkpoint's headers).
     ``embed_on_host``: keep the embedding table in CPU RAM (one row per token crosses); a tied head
     then also needs the table on ``device``, so it is counted on both.
+    ``hot_format``: None (hot rows at ``dtype``), or packed 4-bit hot rows: "int4" (what
+    ``apply_placement(hot_format="int4")`` builds from float weights), a GGUF layout "q4_0" / "q4_1" /
+    "q4_k", or one (gate/up, down) pair of those per layer (offload.packed_hot.packed_hot_layouts of a model).
     """
     if isinstance(config, dict):
         config = config_from_hf(config)
@@ -167,6 +195,8 @@ def plan_memory(config, *, dtype: str | torch.dtype = "float16", device: str = "
     layers = config.num_hidden_layers
     dev = dict.fromkeys(ROLES, 0)
     neurons, per_neuron = [0] * layers, [0] * layers  # per_neuron in elements
+    layouts = None if hot_format is None else _hot_layouts(hot_format, layers)
+    packed, tables = [0] * layers, [0] * layers  # with hot_format: bytes per neuron, per layer
     weights = 0
     for name, shape in shapes.items():
         numel = 1
@@ -185,8 +215,13 @@ def plan_memory(config, *, dtype: str | torch.dtype = "float16", device: str = "
                 neurons[layer] = n
             if role == "ffn_in":  # [n, d] weight or [n] bias: one row / element per neuron
                 per_neuron[layer] += numel // n
+                if layouts:
+                    packed[layer] += layouts[layer][0].row_bytes(shape[1]) if len(shape) == 2 else elt
             elif len(shape) == 2:  # [d, n]: one column per neuron
                 per_neuron[layer] += shape[0]
+                if layouts:
+                    packed[layer] += layouts[layer][1].down_neuron_bytes(shape[0])
+                    tables[layer] += layouts[layer][1].table_bytes(n, shape[0])
             else:  # the [d] output bias: added once per token, not per neuron
                 dev["ffn_fixed"] += numel * elt
         else:
@@ -213,6 +248,8 @@ def plan_memory(config, *, dtype: str | torch.dtype = "float16", device: str = "
     if context_reserve is None:
         context_reserve = 0 if on_cpu else DEFAULT_CONTEXT_RESERVE
     dev["context_reserve"] = int(context_reserve)
+    name = "" if layouts is None else (hot_format if isinstance(hot_format, str) else "int4")
     return MemoryPlan(device=str(device), dtype_bytes=elt, context=context, batch=batch, device_bytes=dev,
                       host_bytes=host, neurons=tuple(neurons), neuron_elements=tuple(per_neuron),
-                      weight_bytes=weights)
+                      weight_bytes=weights, hot_format=name, packed_neuron_bytes=tuple(packed) if layouts else (),
+                      layer_bytes=tuple(tables) if layouts else ())

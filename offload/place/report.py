@@ -10,13 +10,15 @@ Roofline (decode, batch 1, the last token of ``context``): only activations cros
 ``tokens/s = 1 / max(gpu_bytes / BW_gpu, cpu_bytes / BW_cpu)`` with
 ``gpu_bytes`` = per-token weights on the GPU (attention, norms, output head — the embedding table
 when tied —, projections, FFN biases, predictors) + the KV cache read at ``context`` tokens
-+ the active hot rows Σ_L Σ_{i hot} f_{L,i}·b_L, and
++ the active hot rows Σ_L Σ_{i hot} f_{L,i}·b_L (+ for packed hot rows, the down scale table of every
+layer holding hot neurons: at decode densities nearly every group of 32 neurons has an active one), and
 ``cpu_bytes`` = the active cold rows Σ_L Σ_{i cold} f_{L,i}·b^cpu_L = Σ_L (1 − share_L)·E[active_L]·b^cpu_L,
 where E[active_L] = Σ_i f_{L,i} and b^cpu_L is a neuron's bytes at the CPU dtype.
 
 JSON schema (``--json``; ``schema`` = "offload.report/1"; bytes are ints, shares in [0, 1])::
 
-    {"schema", "model", "model_identity", "model_type", "dtype", "cpu_dtype", "context", "batch",
+    {"schema", "model", "model_identity", "model_type", "dtype", "hot_format" (the hot FFN rows' format: the
+     dtype, or "int4" for packed 4-bit rows with `--dtype int4`), "cpu_dtype", "context", "batch",
      "budget_bytes",
      "frequencies": "profile" | "uniform (no profile)", "profile": path | null,
      "density": mean activation frequency (expected active fraction of FFN neurons),
@@ -26,7 +28,8 @@ JSON schema (``--json``; ``schema`` = "offload.report/1"; bytes are ints, shares
                 "cpu_cold_ffn_bytes" (at cpu_dtype), "cpu_other_bytes",
                 "cpu_device_fixed_bytes" (the fixed part with device='cpu': fp32, no CUDA context reserve)},
      "placement": {"method", "note", "min_hot_per_layer", "hot_neurons", "neurons", "gpu_share"},
-     "layers": [{"layer", "neurons", "hot", "hot_pct", "gpu_mib", "gpu_share"}],
+     "layers": [{"layer", "neurons", "hot", "hot_pct", "gpu_mib" (hot rows, and a packed layer's table),
+                 "gpu_share"}],
      "roofline": {"gpu", "gpu_bandwidth", "gpu_bandwidth_source": "table" | "given",
                   "cpu_bandwidth", "cpu_bandwidth_source": "measured" | "given",
                   "gpu_bytes_per_token", "cpu_bytes_per_token", "pcie_bytes_per_token",
@@ -99,7 +102,7 @@ def plan_and_place(config, *, budget, frequencies=None, density: float = 0.5, co
                             f"({len(frequencies)} layers); this model has {plan.neurons[:4]}… ({len(plan.neurons)})")
     placement = solve_placement(frequencies, plan.neuron_bytes, plan.fixed_bytes, budget,
                                 min_hot_per_layer=min_hot_per_layer, method=method, model_identity=identity,
-                                fixed_breakdown=plan.device_bytes)
+                                fixed_breakdown=plan.device_bytes, layer_bytes=plan.layer_bytes or None)
     return plan, placement, frequencies
 
 
@@ -118,9 +121,10 @@ def roofline(plan, placement, frequencies, config, *, cpu_dtype="float32", gpu=N
     gpu_bytes = sum(dev[k] for k in per_token) + kv_read
     gpu_bytes += dev["embeddings"] if config.tie_word_embeddings else 0
     cpu_elt, cold_bytes = dtype_bytes(cpu_dtype), 0.0
-    for f, hot, nb, el in zip(frequencies, placement.hot, plan.neuron_bytes, plan.neuron_elements):
+    tables = plan.layer_bytes or (0,) * len(plan.neurons)
+    for f, hot, nb, el, table in zip(frequencies, placement.hot, plan.neuron_bytes, plan.neuron_elements, tables):
         hot_mass = float(f[hot].sum())
-        gpu_bytes += hot_mass * nb
+        gpu_bytes += hot_mass * nb + (table if len(hot) else 0)
         cold_bytes += (float(f.sum()) - hot_mass) * el * cpu_elt
     gpu_s, cpu_s = gpu_bytes / gpu_bw, cold_bytes / cpu_bw
     dense_cpu = plan.weight_bytes / plan.dtype_bytes * cpu_elt + kv_read
@@ -152,12 +156,13 @@ def build_report(config, *, budget, frequencies=None, density: float = 0.5, cont
         placement_out[:] = [plan, placement, freqs]
     cold = sum((n - len(h)) * e for n, h, e in zip(plan.neurons, placement.hot, plan.neuron_elements))
     layers = [{"layer": i, "neurons": n, "hot": len(h), "hot_pct": 100.0 * len(h) / n,
-               "gpu_mib": len(h) * b / 2**20, "gpu_share": s}
-              for i, (n, h, b, s) in enumerate(zip(plan.neurons, placement.hot, plan.neuron_bytes,
+               "gpu_mib": b / 2**20, "gpu_share": s}
+              for i, (n, h, b, s) in enumerate(zip(plan.neurons, placement.hot, placement.layer_hot_bytes,
                                                    placement.layer_share))]
     return {
         "schema": SCHEMA, "model": source, "model_identity": identity, "model_type": config.model_type,
-        "dtype": str(dtype), "cpu_dtype": str(cpu_dtype), "context": context, "batch": batch,
+        "dtype": str(dtype), "hot_format": plan.hot_format or str(dtype), "cpu_dtype": str(cpu_dtype),
+        "context": context, "batch": batch,
         "budget_bytes": placement.budget,
         "frequencies": "uniform (no profile)" if frequencies is None else "profile", "profile": profile,
         "density": float(density if frequencies is None else np.mean(np.concatenate(freqs))),
@@ -183,7 +188,8 @@ def format_report_table(report: dict) -> str:
     r, mem, pl, rf = report, report["memory"], report["placement"], report["roofline"]
     out = [f"model {r['model'] or '?'} ({r['model_type']}, identity {r['model_identity'] or '?'}): "
            f"budget {format_bytes(r['budget_bytes'])}, context {r['context']}, batch {r['batch']}, "
-           f"{r['dtype']} on the GPU, {r['cpu_dtype']} on the CPU"]
+           f"{r['dtype']} on the GPU" + (f" (hot FFN rows {r['hot_format']})" if r["hot_format"] != r["dtype"]
+                                         else "") + f", {r['cpu_dtype']} on the CPU"]
     if r["frequencies"] == "profile":
         out.append(f"frequencies: profile {r['profile'] or ''} (mean activation frequency {r['density']:.3f})")
     else:

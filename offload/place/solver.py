@@ -2,19 +2,22 @@
 
 Problem: layers L with n_L neurons of activation frequency f_{L,i} ∈ [0, 1] and b_L bytes each;
 choose hot sets H_L maximising the activation mass served by the accelerator, Σ_L Σ_{i∈H_L} f_{L,i},
-subject to Σ_L b_L·|H_L| ≤ budget − fixed, and (PowerInfer's minimum split) each layer holds 0 or
-≥ C_L = min(C, n_L) hot neurons, so that the accelerator's share of a layer outweighs its sync.
+subject to Σ_L (b_L·|H_L| + e_L·[H_L ≠ ∅]) ≤ budget − fixed, and (PowerInfer's minimum split) each layer
+holds 0 or ≥ C_L = min(C, n_L) hot neurons, so that the accelerator's share of a layer outweighs its sync.
+e_L (``layer_bytes``, default 0) is paid once by a layer that holds any hot neuron: packed 4-bit hot
+rows keep their down projection's scale table per layer (offload.formats.packed_rows).
 
 - greedy: items taken in order of mass per byte while they fit. With C ≤ 1 the items are single
   neurons, and with equal neuron sizes that is the global top-k: exact. With C > 1 each layer's
   top-C neurons form one block item that must be taken before any other neuron of that layer
   (a block's mass per byte is ≥ that of any neuron outside it, so the order allows this); every
-  layer satisfies the constraint by construction, but the result is a heuristic.
+  layer satisfies the constraint by construction, but the result is a heuristic. A layer with e_L > 0
+  is a block of its top max(C_L, 1) neurons costing e_L more, taken likewise.
 - milp: within a layer the best hot set of size h is its top h, whose mass F_L(h) is concave. So the
   variables are the hot count h_L (integer), z_L (binary: layer used) and, per group of
   frequency-sorted neurons (≤ ``batch_size``, ≥ 64 groups a layer), a continuous y_{L,g} ∈ [0, |g|]
   (neurons taken from the group) weighted by the group's mean frequency; Σ_g y_{L,g} = h_L,
-  C_L·z_L ≤ h_L ≤ n_L·z_L, Σ_L b_L·h_L ≤ budget − fixed. Concavity makes the LP fill groups in
+  C_L·z_L ≤ h_L ≤ n_L·z_L, Σ_L (b_L·h_L + e_L·z_L) ≤ budget − fixed. Concavity makes the LP fill groups in
   order, so with batch_size=1 the model is exact; larger groups interpolate F_L linearly between
   group edges. The hard part is the choice of layers (z); given it, greedy completes the hot sets
   exactly (equal neuron sizes), and the better of the two answers is kept. Only 2 integer variables
@@ -55,6 +58,7 @@ class Placement:
     method: str  # "greedy" or "milp": which solver produced this placement
     note: str = ""
     min_hot_per_layer: int = 0
+    layer_bytes: tuple[int, ...] = ()  # per layer: bytes paid once when it holds any hot neuron (or ())
 
     @property
     def hot_counts(self) -> tuple[int, ...]:
@@ -62,7 +66,9 @@ class Placement:
 
     @property
     def layer_hot_bytes(self) -> tuple[int, ...]:
-        return tuple(len(h) * b for h, b in zip(self.hot, self.neuron_bytes))
+        """Per layer: its hot neurons' bytes and, when it holds any, its ``layer_bytes``."""
+        extra = self.layer_bytes or (0,) * len(self.hot)
+        return tuple(len(h) * b + (e if len(h) else 0) for h, b, e in zip(self.hot, self.neuron_bytes, extra))
 
     @property
     def hot_bytes(self) -> int:
@@ -87,11 +93,13 @@ class Placement:
 
     def to_json(self) -> str:
         layers = []
-        for hot, n, b, s in zip(self.hot, self.neurons, self.neuron_bytes, self.layer_share):
+        extra = self.layer_bytes or (0,) * len(self.hot)
+        for hot, n, b, e, s in zip(self.hot, self.neurons, self.neuron_bytes, extra, self.layer_share):
             mask = np.zeros(n, dtype=bool)
             mask[hot] = True
             bits = base64.b64encode(np.packbits(mask, bitorder="little").tobytes()).decode()
-            layers.append({"neurons": n, "neuron_bytes": b, "hot_count": len(hot), "gpu_share": s, "hot": bits})
+            layers.append({"neurons": n, "neuron_bytes": b, "layer_bytes": e, "hot_count": len(hot), "gpu_share": s,
+                           "hot": bits})
         return json.dumps({
             "format": FORMAT, "version": VERSION, "model_identity": self.model_identity, "method": self.method,
             "note": self.note, "min_hot_per_layer": self.min_hot_per_layer, "budget_bytes": self.budget,
@@ -120,7 +128,8 @@ class Placement:
                        fixed_bytes=int(doc["fixed_bytes"]), budget=int(doc["budget_bytes"]),
                        layer_share=tuple(float(x["gpu_share"]) for x in layers), share=float(doc["gpu_share"]),
                        method=doc["method"], note=doc.get("note", ""),
-                       min_hot_per_layer=int(doc.get("min_hot_per_layer", 0)))
+                       min_hot_per_layer=int(doc.get("min_hot_per_layer", 0)),
+                       layer_bytes=tuple(int(x.get("layer_bytes", 0)) for x in layers))
         except ArtifactError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -152,7 +161,7 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _check_inputs(frequencies, neuron_bytes, fixed_bytes, budget):
+def _check_inputs(frequencies, neuron_bytes, fixed_bytes, budget, layer_bytes=None):
     freqs = [np.asarray(f, dtype=np.float64) for f in frequencies]
     if not freqs:
         raise ValueError("frequencies: expected one array per layer, got none")
@@ -164,11 +173,15 @@ def _check_inputs(frequencies, neuron_bytes, fixed_bytes, budget):
         raise ValueError(f"neuron_bytes: expected a positive int or one per layer ({len(freqs)}), got {neuron_bytes!r}")
     if fixed_bytes < 0 or budget <= 0:
         raise ValueError(f"fixed_bytes must be ≥ 0 and budget > 0, got {fixed_bytes} and {budget}")
-    return freqs, nb
+    extra = [0] * len(freqs) if layer_bytes is None else [int(e) for e in layer_bytes]
+    if len(extra) != len(freqs) or min(extra) < 0:
+        raise ValueError(f"layer_bytes: expected one int ≥ 0 per layer ({len(freqs)}), got {layer_bytes!r}")
+    return freqs, nb, extra
 
 
-def _greedy(freqs, nb, cap, mins, used=None):
-    """Hot index arrays: block/singleton items by mass per byte, taken while they fit.
+def _greedy(freqs, nb, cap, mins, extra, used=None):
+    """Hot index arrays: block/singleton items by mass per byte, taken while they fit. A layer's block is
+    its top max(mins, 1) neurons when mins > 1 or it has extra (per-layer) bytes, which the block carries.
 
     With ``used`` (bool per layer, whose blocks are known to fit together): only those layers, and
     their blocks first — the exact completion of a MILP's choice of layers (equal neuron sizes)."""
@@ -178,9 +191,10 @@ def _greedy(freqs, nb, cap, mins, used=None):
     f_all = np.concatenate(freqs)
     layer_of = np.repeat(np.arange(layers, dtype=np.int32), sizes)
     in_block = np.zeros(len(f_all), dtype=bool)
-    blk_layers = np.array([i for i in range(layers) if mins[i] > 1], dtype=np.int64)
+    blk_layers = np.array([i for i in range(layers) if mins[i] > 1 or extra[i] > 0], dtype=np.int64)
+    block = np.maximum(np.asarray(mins, dtype=np.int64), 1)
     for i in blk_layers:
-        c, f = mins[i], freqs[i]
+        c, f = block[i], freqs[i]
         top = np.argpartition(-f, c - 1)[:c] if c < len(f) else np.arange(len(f))
         in_block[offsets[i] + top] = True
     nb_arr = np.asarray(nb, dtype=np.float64)
@@ -188,7 +202,7 @@ def _greedy(freqs, nb, cap, mins, used=None):
     s_layer = layer_of[single] if len(blk_layers) else layer_of
     s_key = f_all[single] / (nb[0] if len(set(nb)) == 1 else nb_arr[s_layer])
     b_mass = np.bincount(layer_of[in_block], weights=f_all[in_block], minlength=layers)[blk_layers]
-    b_cost = np.asarray(mins, dtype=np.float64)[blk_layers] * nb_arr[blk_layers]
+    b_cost = block[blk_layers] * nb_arr[blk_layers] + np.asarray(extra, dtype=np.float64)[blk_layers]
     top_single = np.zeros(layers)
     np.maximum.at(top_single, s_layer, s_key)
     # A block's mean is ≥ any neuron outside it; nudge it above them so no order puts one first.
@@ -245,7 +259,7 @@ class _MilpFailed(RuntimeError):
     pass
 
 
-def _milp(freqs, nb, cap, mins, batch_size, time_limit_s, mip_rel_gap):
+def _milp(freqs, nb, cap, mins, extra, batch_size, time_limit_s, mip_rel_gap):
     """Hot counts per layer and a note, from the hot-count MILP described in the module docstring."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_array
@@ -263,13 +277,14 @@ def _milp(freqs, nb, cap, mins, batch_size, time_limit_s, mip_rel_gap):
     s = len(seg_size)
     n = np.array([len(f) for f in freqs], dtype=np.float64)
     h_col, z_col, rows = s + np.arange(layers), s + layers + np.arange(layers), np.arange(layers)
-    unit = math.gcd(*nb)  # memory row in units of gcd(b_L): integer coefficients, exact capacity
-    # Rows 0..L-1: Σ_g y − h = 0; L..2L-1: h − C·z ≥ 0; 2L..3L-1: h − n·z ≤ 0; 3L: Σ b·h ≤ cap.
+    unit = math.gcd(*nb, *extra)  # memory row in units of the gcd: integer coefficients, exact capacity
+    # Rows 0..L-1: Σ_g y − h = 0; L..2L-1: h − C·z ≥ 0; 2L..3L-1: h − n·z ≤ 0; 3L: Σ b·h + e·z ≤ cap.
     r = np.concatenate([seg_layer, rows, rows + layers, rows + layers, rows + 2 * layers, rows + 2 * layers,
-                        np.full(layers, 3 * layers)])
-    c = np.concatenate([np.arange(s), h_col, h_col, z_col, h_col, z_col, h_col])
+                        np.full(2 * layers, 3 * layers)])
+    c = np.concatenate([np.arange(s), h_col, h_col, z_col, h_col, z_col, h_col, z_col])
     v = np.concatenate([np.ones(s), -np.ones(layers), np.ones(layers), -np.asarray(mins, dtype=np.float64),
-                        np.ones(layers), -n, np.asarray(nb, dtype=np.float64) / unit])
+                        np.ones(layers), -n, np.asarray(nb, dtype=np.float64) / unit,
+                        np.asarray(extra, dtype=np.float64) / unit])
     a = coo_array((v, (r, c)), shape=(3 * layers + 1, s + 2 * layers)).tocsr()
     lo = np.concatenate([np.zeros(layers), np.zeros(layers), np.full(layers, -np.inf), [-np.inf]])
     hi = np.concatenate([np.zeros(layers), np.full(layers, np.inf), np.zeros(layers), [cap // unit]])
@@ -282,7 +297,8 @@ def _milp(freqs, nb, cap, mins, batch_size, time_limit_s, mip_rel_gap):
         raise _MilpFailed(f"HiGHS status {res.status}: {res.message}")
     counts = np.clip(np.round(res.x[h_col]).astype(np.int64), 0, n.astype(np.int64))
     counts[(counts > 0) & (counts < np.asarray(mins))] = 0  # rounding noise only; keeps the constraint
-    while sum(int(k) * b for k, b in zip(counts, nb)) > cap:  # likewise: trim the least frequent neuron
+    # likewise: trim the least frequent neuron while over the capacity
+    while sum(int(k) * b + (e if k else 0) for k, b, e in zip(counts, nb, extra)) > cap:
         cut = min((desc[i][counts[i] - 1], i) for i in range(layers) if counts[i] > mins[i])[1]
         counts[cut] -= 1
     gap = getattr(res, "mip_gap", float("nan"))
@@ -304,7 +320,7 @@ def _mass(freqs, hot) -> float:
 def solve_placement(frequencies, neuron_bytes, fixed_bytes: int, budget: int, *, min_hot_per_layer: int = 0,
                     method: str = "auto", batch_size: int = 512, time_limit_s: float = 10.0,
                     mip_rel_gap: float = 1e-6, model_identity: str = "",
-                    fixed_breakdown: dict[str, int] | None = None) -> Placement:
+                    fixed_breakdown: dict[str, int] | None = None, layer_bytes=None) -> Placement:
     """Choose each layer's hot neurons under ``budget`` bytes, ``fixed_bytes`` of which are taken.
 
     ``frequencies``: one array per layer, activation frequency per neuron in [0, 1].
@@ -316,6 +332,7 @@ def solve_placement(frequencies, neuron_bytes, fixed_bytes: int, budget: int, *,
     where it is exact — C ≤ 1 and equal neuron sizes — else the better of milp and greedy).
     ``fixed_breakdown`` (role → bytes) only enriches the BudgetError raised, before anything is
     solved or allocated, when ``fixed_bytes > budget``.
+    ``layer_bytes``: per layer, bytes paid once if the layer holds any hot neuron (None: 0 each).
     """
     if method not in ("auto", "greedy", "milp"):
         raise ValueError(f"method={method!r}: expected 'auto', 'greedy' or 'milp'")
@@ -323,28 +340,30 @@ def solve_placement(frequencies, neuron_bytes, fixed_bytes: int, budget: int, *,
         raise ValueError(f"min_hot_per_layer must be ≥ 0 and batch_size ≥ 1, got {min_hot_per_layer}, {batch_size}")
     if fixed_bytes > budget:
         raise budget_error(int(budget), int(fixed_bytes), fixed_breakdown)
-    freqs, nb = _check_inputs(frequencies, neuron_bytes, fixed_bytes, budget)
+    freqs, nb, extra = _check_inputs(frequencies, neuron_bytes, fixed_bytes, budget, layer_bytes)
     cap = int(budget) - int(fixed_bytes)
     mins = [min(int(min_hot_per_layer), len(f)) for f in freqs]
-    exact = max(mins) <= 1 and len(set(nb)) == 1
+    exact = max(mins) <= 1 and len(set(nb)) == 1 and not any(extra)
     if method == "greedy" or (method == "auto" and exact):
-        hot = _greedy(freqs, nb, cap, mins)
+        hot = _greedy(freqs, nb, cap, mins, extra)
         used, note = "greedy", ("exact: global top-k (no per-layer minimum, equal neuron sizes)" if exact
                                 else "heuristic: mass-per-byte order, each layer's top-C taken as one block")
     else:
         try:
-            counts, note = _milp(freqs, nb, cap, mins, batch_size, time_limit_s, mip_rel_gap)
+            counts, note = _milp(freqs, nb, cap, mins, extra, batch_size, time_limit_s, mip_rel_gap)
             # The MILP's hard part is which layers to use; given those, greedy completes them exactly
             # (equal sizes) without the grouping's interpolation. Keep whichever serves more.
             hot, used = _top(freqs, counts), "milp"
-            polished = _greedy(freqs, nb, cap, mins, used=(np.asarray(counts) > 0) | (np.asarray(mins) <= 1))
+            # (a layer the MILP left empty stays empty when using it costs per-layer bytes)
+            free = (np.asarray(mins) <= 1) & (np.asarray(extra) == 0)
+            polished = _greedy(freqs, nb, cap, mins, extra, used=(np.asarray(counts) > 0) | free)
             if _mass(freqs, polished) > _mass(freqs, hot):
                 hot, note = polished, note + "; hot sets completed greedily within the chosen layers"
         except Exception as e:  # HiGHS failure or scipy missing/too old: the greedy answer is still valid
             warnings.warn(f"MILP placement failed ({e}); falling back to the greedy placement", stacklevel=2)
-            hot, used, note = _greedy(freqs, nb, cap, mins), "greedy", f"fallback: MILP failed ({e})"
+            hot, used, note = _greedy(freqs, nb, cap, mins, extra), "greedy", f"fallback: MILP failed ({e})"
         if method == "auto" and used == "milp":
-            alt = _greedy(freqs, nb, cap, mins)
+            alt = _greedy(freqs, nb, cap, mins, extra)
             if _mass(freqs, alt) > _mass(freqs, hot):
                 hot, used, note = alt, "greedy", f"greedy beat the MILP ({note})"
     totals = [f.sum() for f in freqs]
@@ -353,4 +372,4 @@ def solve_placement(frequencies, neuron_bytes, fixed_bytes: int, budget: int, *,
     return Placement(model_identity=model_identity, hot=tuple(_frozen(h) for h in hot),
                      neurons=tuple(len(f) for f in freqs), neuron_bytes=tuple(nb), fixed_bytes=int(fixed_bytes),
                      budget=int(budget), layer_share=layer_share, share=_mass(freqs, hot) / total if total else 0.0,
-                     method=used, note=note, min_hot_per_layer=int(min_hot_per_layer))
+                     method=used, note=note, min_hot_per_layer=int(min_hot_per_layer), layer_bytes=tuple(extra))
