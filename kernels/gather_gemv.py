@@ -125,6 +125,17 @@ def program_slots(idx_ptr, K, N, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def x_pairs(x_ptr, offs_b, in_b, offs_h, D, stride_xb):
+    """The even and odd columns (2h, 2h+1 for h in offs_h) of the tokens offs_b of x [B, D], fp32
+    [BATCH_PAD, BLOCK_H] each, 0 outside: what one byte of two 4-bit weights multiplies."""
+    col = 2 * offs_h
+    ptr = x_ptr + offs_b[:, None] * stride_xb + col[None, :]
+    xe = tl.load(ptr, mask=in_b[:, None] & (col < D)[None, :], other=0.0).to(tl.float32)
+    xo = tl.load(ptr + 1, mask=in_b[:, None] & (col + 1 < D)[None, :], other=0.0).to(tl.float32)
+    return xe, xo
+
+
+@triton.jit
 def activate(g, u, ACTIVATION: tl.constexpr):
     """act(g, u) elementwise in fp32 (models.ffn_kind's kinds); u is unused for "relu_fc"."""
     if ACTIVATION == "swiglu":

@@ -31,7 +31,8 @@ import triton.language as tl
 
 from offload.formats.packed_rows import GROUP, Q4Rows, dequantize_rows, layout_from
 
-from .gather_gemv import ACTIVATIONS, activate, autotune_bench, gather_gemv_reference, program_slots, tile_configs
+from .gather_gemv import (ACTIVATIONS, activate, autotune_bench, gather_gemv_reference, program_slots, tile_configs,
+                          x_pairs)
 from .launch import (BACKENDS, check_float, check_idx, check_no_grad, check_same_device, check_tensor,
                      check_token_rows, launch, require_triton_device, resolve_backend)
 
@@ -182,11 +183,7 @@ def _gather_gemv_q4_kernel(
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         in_h = offs_h < H
-        col = 2 * offs_h
-        x_mask = in_b[:, None] & in_h[None, :]
-        xe = tl.load(x_ptr + offs_b[:, None] * stride_xb + col[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + offs_b[:, None] * stride_xb + col[None, :] + 1, mask=x_mask,
-                     other=0.0).to(tl.float32)
+        xe, xo = x_pairs(x_ptr, offs_b, in_b, offs_h, D, stride_xb)
         mask = valid[:, None] & in_h[None, :]
         grp = offs_h // 16  # 16 bytes = one group of 32 columns
         wlo, whi = _row_tile(q_ptr, d_ptr, m_ptr, sc_ptr, mc_ptr, rows, offs_h, grp, H, G, GD, mask,

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from offload.models.ffn_kind import activation as ffn_activation
 
-from .gather_gemv import autotune_bench
+from .gather_gemv import autotune_bench, x_pairs
 from .launch import (BACKENDS, check_float, check_last_dim_contiguous, check_no_grad, check_same_device, check_tensor,
                      check_token_rows, device_guard, require_triton_device, resolve_backend, use_fixed_config)
 
@@ -169,12 +169,7 @@ def _shadow_int4_kernel(
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         in_h = offs_h < H
-        col = 2 * offs_h
-        x_mask = in_b[:, None] & (col < D)[None, :]
-        xe = tl.load(x_ptr + offs_b[:, None] * stride_xb + col[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        xo_mask = in_b[:, None] & (col + 1 < D)[None, :]
-        xo = tl.load(x_ptr + offs_b[:, None] * stride_xb + col[None, :] + 1, mask=xo_mask,
-                     other=0.0).to(tl.float32)
+        xe, xo = x_pairs(x_ptr, offs_b, in_b, offs_h, D, stride_xb)
         w_mask = in_n[:, None] & in_h[None, :]
         grp = offs_h // GROUP_BYTES
         q_off = rows[:, None] * stride_qn + offs_h[None, :]

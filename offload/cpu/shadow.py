@@ -57,6 +57,8 @@ from numba import njit, prange
 from offload.cpu.lowbit_ir import (BLK, CACHE, GROUP, I4_BYTES, I8_BYTES, i4_gemv_k1, i4_gemv_k2, i4_gemv_k3,
                                    i4_gemv_k4, i4_shadow_k1, i4_shadow_k2, i4_shadow_k3, i4_shadow_k4, i8_shadow_k1,
                                    i8_shadow_k2, i8_shadow_k3, i8_shadow_k4)
+from offload.cpu.shadow_layout import (as_numpy, block_biases, check_int4, pack_int4_blocks, pack_int8_blocks,
+                                       pad_rows)
 from offload.cpu.team import team
 from offload.models.ffn_kind import FFNKind
 
@@ -188,63 +190,11 @@ def i8_shadow_run(x, W, S, B, kind, lo, hi, out):
 
 
 # ---------------------------------------------------------------------------------------------
-# layouts
-
-
-def _np(t, name: str) -> np.ndarray:
-    """A NumPy view of a CPU torch tensor (zero-copy; bfloat16, which NumPy lacks, as float32) or
-    np.asarray of anything else."""
-    if hasattr(t, "detach") and hasattr(t, "numpy"):
-        if t.device.type != "cpu":
-            raise ValueError(f"{name} must be on the CPU, got {t.device}")
-        t = t.detach()
-        if str(t.dtype) == "torch.bfloat16":
-            t = t.float()
-        return t.numpy()
-    return np.asarray(t)
-
-
-def _pad_rows(a: np.ndarray, rows: int, fill) -> np.ndarray:
-    if a.shape[0] == rows:
-        return a
-    out = np.full((rows,) + a.shape[1:], fill, dtype=a.dtype)
-    out[: a.shape[0]] = a
-    return out
-
-
-def pack_int4_blocks(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """The kernel layout of int4 rows: uint8 [rows/8, G, 144] (rows a multiple of 8).
-
-    Block k, group g: bytes 32c + 4m + j (c < 4, m < 8 rows, j < 4) hold row 8k+m's column
-    32g + 4c + j in the low nibble and column 32g + 16 + 4c + j in the high nibble (nibble = q + 8,
-    as in the input); bytes 128..143 are the 8 rows' fp16 scales of group g."""
-    rows, H = packed.shape
-    G = scales.shape[1]
-    nblk = rows // BLK
-    q = np.empty((rows, 2 * H), np.uint8)
-    q[:, 0::2] = packed & 15
-    q[:, 1::2] = packed >> 4
-    q = q.reshape(nblk, BLK, G, 2, 4, 4).transpose(0, 2, 4, 1, 5, 3)  # blk, g, c, m, j, half
-    W = np.empty((nblk, G, I4_BYTES), np.uint8)
-    W[:, :, :128] = (q[..., 0] | (q[..., 1] << 4)).reshape(nblk, G, 128)
-    s = np.ascontiguousarray(scales.astype(np.float16, copy=False).reshape(nblk, BLK, G).transpose(0, 2, 1))
-    W[:, :, 128:] = s.view(np.uint8).reshape(nblk, G, 16)
-    return W
-
-
-def pack_int8_blocks(q: np.ndarray, G: int) -> np.ndarray:
-    """The kernel layout of int8 rows [rows, d] (rows a multiple of 8): int8 [rows/8, G, 256];
-    block k, group g: bytes 16j + 2m + e = row 8k+m, column 32g + 2j + e (zero past d)."""
-    rows, d = q.shape
-    nblk = rows // BLK
-    qp = np.zeros((rows, G * GROUP), np.int8)
-    qp[:, :d] = q
-    W = qp.reshape(nblk, BLK, G, GROUP // 2, 2).transpose(0, 2, 3, 1, 4)  # blk, g, j, m, e
-    return np.ascontiguousarray(W).reshape(nblk, G, I8_BYTES)
+# argument checks (the layouts: offload.cpu.shadow_layout)
 
 
 def _check_x(x, d: int) -> np.ndarray:
-    xa = _np(x, "x")
+    xa = as_numpy(x, "x")
     if xa.ndim == 1:
         xa = xa[None, :]
     if xa.ndim != 2:
@@ -274,20 +224,6 @@ def _check_kind(kind: str) -> int:
     return kind.code
 
 
-def _biases(n: int, n_pad: int, gate_bias, up_bias) -> np.ndarray:
-    """float32 [n_pad/8, 16]: per block pair the 8 gate biases then the 8 up biases."""
-    if (gate_bias is None) != (up_bias is None):
-        raise ValueError("give both gate_bias and up_bias or neither")
-    B = np.zeros((n_pad // BLK, 2, BLK), np.float32)
-    if gate_bias is not None:
-        for j, (name, v) in enumerate((("gate_bias", gate_bias), ("up_bias", up_bias))):
-            v = _np(v, name).astype(np.float32).reshape(-1)
-            if v.shape != (n,):
-                raise ValueError(f"{name} must have shape [n={n}], got {v.shape}")
-            B[:, j] = _pad_rows(v, n_pad, 0).reshape(-1, BLK)
-    return B.reshape(-1, 2 * BLK)
-
-
 def _threads(threads: Optional[int]) -> int:
     t = 1 if threads is None else int(threads)
     if t < 1:
@@ -311,21 +247,6 @@ def _run_split(fn, nunits: int, threads: int, make_args) -> None:
     team(len(ranges)).run(fn, [make_args(lo, hi) for lo, hi in ranges])
 
 
-def _check_int4(name: str, packed: np.ndarray, scales: np.ndarray) -> tuple[int, int]:
-    if packed.dtype != np.uint8 or packed.ndim != 2:
-        raise TypeError(f"{name}: packed int4 must be uint8 [n, d_pad/2], got {packed.dtype} {packed.shape}")
-    if scales.ndim != 2 or scales.shape[0] != packed.shape[0] or not np.issubdtype(scales.dtype, np.floating):
-        raise ValueError(f"{name}: scales must be float [n={packed.shape[0]}, groups], got {scales.dtype} "
-                         f"{scales.shape}")
-    d_pad = 2 * packed.shape[1]
-    G = scales.shape[1]
-    if G == 0 or d_pad != G * GROUP:
-        group = d_pad / G if G else float("nan")
-        raise ValueError(f"{name}: the kernels need groups of {GROUP} columns, got {d_pad} columns in {G} groups "
-                         f"(group {group:g})")
-    return d_pad, G
-
-
 # ---------------------------------------------------------------------------------------------
 # public classes
 
@@ -347,14 +268,14 @@ class Int4Shadow:
 
     def __init__(self, q_gate, s_gate, q_up, s_up, d: Optional[int] = None, kind: str = "swiglu",
                  gate_bias=None, up_bias=None, threads: Optional[int] = 1, pool: str = "team"):
-        qg, sg, qu, su = (_np(q_gate, "q_gate"), _np(s_gate, "s_gate"), _np(q_up, "q_up"), _np(s_up, "s_up"))
+        qg, sg, qu, su = (as_numpy(q_gate, "q_gate"), as_numpy(s_gate, "s_gate"), as_numpy(q_up, "q_up"), as_numpy(s_up, "s_up"))
         if pool not in ("team", "numba"):
             raise ValueError(f"pool must be 'team' or 'numba', got {pool!r}")
         self.pool = pool
-        d_pad, G = _check_int4("gate", qg, sg)
+        d_pad, G = check_int4("gate", qg, sg)
         if qu.shape != qg.shape or su.shape != sg.shape:
             raise ValueError(f"up must have the gate's shapes {qg.shape}, {sg.shape}; got {qu.shape}, {su.shape}")
-        _check_int4("up", qu, su)
+        check_int4("up", qu, su)
         self.kind = kind
         self.code = _check_kind(kind)
         self.n = n = qg.shape[0]
@@ -363,7 +284,7 @@ class Int4Shadow:
         self.threads = _threads(threads)
         n_pad = -(-n // BLK) * BLK
         nbp = n_pad // BLK
-        pad = lambda a, fill: _pad_rows(a, n_pad, fill)  # noqa: E731
+        pad = lambda a, fill: pad_rows(a, n_pad, fill)  # noqa: E731
         # rows ordered gate block 0, up block 0, gate block 1, ...; padded rows: q = 8 (zero), scale 0
         rows_q = np.stack([pad(qg, 0x88).reshape(nbp, BLK, -1), pad(qu, 0x88).reshape(nbp, BLK, -1)], 1)
         rows_s = np.stack([pad(sg, 0).reshape(nbp, BLK, -1), pad(su, 0).reshape(nbp, BLK, -1)], 1)
@@ -371,7 +292,7 @@ class Int4Shadow:
         # [pair, group, gate|up, 144]: one sequential stream per call
         self.W = np.ascontiguousarray(W.reshape(nbp, 2, G, I4_BYTES).transpose(0, 2, 1, 3)).reshape(
             nbp, G, 2 * I4_BYTES)
-        self.B = _biases(n, n_pad, gate_bias, up_bias)
+        self.B = block_biases(n, n_pad, gate_bias, up_bias)
         self.blocks = nbp
 
     @property
@@ -401,7 +322,7 @@ class Int8Shadow:
 
     def __init__(self, q_gate, s_gate, q_up, s_up, d: Optional[int] = None, kind: str = "swiglu",
                  gate_bias=None, up_bias=None, threads: Optional[int] = 1):
-        qg, sg, qu, su = (_np(q_gate, "q_gate"), _np(s_gate, "s_gate"), _np(q_up, "q_up"), _np(s_up, "s_up"))
+        qg, sg, qu, su = (as_numpy(q_gate, "q_gate"), as_numpy(s_gate, "s_gate"), as_numpy(q_up, "q_up"), as_numpy(s_up, "s_up"))
         for name, q, s in (("gate", qg, sg), ("up", qu, su)):
             if q.dtype != np.int8 or q.ndim != 2:
                 raise TypeError(f"{name}: int8 weights must be int8 [n, d], got {q.dtype} {q.shape}")
@@ -421,15 +342,15 @@ class Int8Shadow:
         self.threads = _threads(threads)
         n_pad = -(-n // BLK) * BLK
         nbp = n_pad // BLK
-        rows_q = np.stack([_pad_rows(qg, n_pad, 0).reshape(nbp, BLK, -1),
-                           _pad_rows(qu, n_pad, 0).reshape(nbp, BLK, -1)], 1)
-        rows_s = np.stack([_pad_rows(sg.reshape(-1).astype(np.float32), n_pad, 0).reshape(nbp, BLK),
-                           _pad_rows(su.reshape(-1).astype(np.float32), n_pad, 0).reshape(nbp, BLK)], 1)
+        rows_q = np.stack([pad_rows(qg, n_pad, 0).reshape(nbp, BLK, -1),
+                           pad_rows(qu, n_pad, 0).reshape(nbp, BLK, -1)], 1)
+        rows_s = np.stack([pad_rows(sg.reshape(-1).astype(np.float32), n_pad, 0).reshape(nbp, BLK),
+                           pad_rows(su.reshape(-1).astype(np.float32), n_pad, 0).reshape(nbp, BLK)], 1)
         W = pack_int8_blocks(rows_q.reshape(2 * n_pad, width), G)
         self.W = np.ascontiguousarray(W.reshape(nbp, 2, G, I8_BYTES).transpose(0, 2, 1, 3)).reshape(
             nbp, G, 2 * I8_BYTES)
         self.S = np.ascontiguousarray(rows_s.reshape(2 * nbp, BLK))
-        self.B = _biases(n, n_pad, gate_bias, up_bias)
+        self.B = block_biases(n, n_pad, gate_bias, up_bias)
         self.blocks = nbp
 
     @property
@@ -448,13 +369,13 @@ class Int4Matrix:
     """Plain int4 GEMV ``y = Q(W)·x`` (y [b, n] float32) over quantize_int4's output, prepared once."""
 
     def __init__(self, packed, scales, d: Optional[int] = None, threads: Optional[int] = 1):
-        q, s = _np(packed, "packed"), _np(scales, "scales")
-        self.d_pad, self.groups = _check_int4("W", q, s)
+        q, s = as_numpy(packed, "packed"), as_numpy(scales, "scales")
+        self.d_pad, self.groups = check_int4("W", q, s)
         self.d = _resolve_d(d, self.d_pad, GROUP)
         self.n = n = q.shape[0]
         self.threads = _threads(threads)
         n_pad = -(-n // BLK) * BLK
-        self.W = pack_int4_blocks(_pad_rows(q, n_pad, 0x88), _pad_rows(s, n_pad, 0))
+        self.W = pack_int4_blocks(pad_rows(q, n_pad, 0x88), pad_rows(s, n_pad, 0))
         self.blocks = n_pad // BLK
 
     @property
@@ -485,7 +406,7 @@ def shadow_scores_int4(x, q_gate, s_gate, q_up, s_up, kind: str = "swiglu", d: O
                        gate_bias=None, up_bias=None, threads: Optional[int] = 1) -> np.ndarray:
     """scores [b, n] of x [b, d] (or [d]) from quantize_int4 gate/up; prepares the layout on every
     call (a pass over the weights): build an :class:`Int4Shadow` once for repeated calls."""
-    xa = _np(x, "x")
+    xa = as_numpy(x, "x")
     if d is None:
         d = xa.shape[-1]
     return Int4Shadow(q_gate, s_gate, q_up, s_up, d, kind, gate_bias, up_bias, threads).scores(xa)
@@ -499,7 +420,7 @@ def shadow_scores_int8(x, q_gate, s_gate, q_up, s_up, kind: str = "swiglu", gate
 
 def int4_gemv(x, packed, scales, d: Optional[int] = None, threads: Optional[int] = 1) -> np.ndarray:
     """y [b, n] = x · Q(W)ᵀ; prepares the layout on every call (use :class:`Int4Matrix` to reuse)."""
-    xa = _np(x, "x")
+    xa = as_numpy(x, "x")
     if d is None:
         d = xa.shape[-1]
     return Int4Matrix(packed, scales, d, threads).matvec(xa)
