@@ -40,6 +40,24 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def build_for_gpu_hybrid(ckpt: Checkpoint, weights: str, activations: str, progress: bool) -> torch.nn.Module:
+    """The CPU model a GPU placement splits: a quantized GGUF with ``weights="auto"`` keeps its FFN blocks as
+    stored (the hybrid packs hot rows from them losslessly and dequantizes the cold rows, layer by layer)
+    and the rest dense in fp32 (it moves to the device); otherwise the dense fp32 model, its FFN weights
+    rounded to fp16 for ``weights="float16"`` (the cold rows the CPU keeps)."""
+    from offload.formats import dense_outside_ffn, store_ffn_weights_fp16
+
+    if weights == "auto" and is_quantized_gguf(ckpt):
+        return dense_outside_ffn(build_model(ckpt, progress=progress, weights="auto", activations=activations))
+    net = build_model(ckpt, dtype=torch.float32, device="cpu", progress=progress)
+    return store_ffn_weights_fp16(net) if weights == "float16" else net
+
+
+def is_quantized_gguf(ckpt: Checkpoint) -> bool:
+    """Whether ``ckpt`` is a GGUF holding quantized tensors (its raw blocks readable, offload.checkpoint)."""
+    return ckpt.raw is not None and any(ckpt.raw(name) is not None for name in ckpt.shapes)
+
+
 def _resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cpu")
@@ -158,7 +176,10 @@ class OffloadedModel:
         ``weights``: how weight matrices are stored for CPU decode (offload.formats): "auto" (the default:
         what the checkpoint stores; a GGUF's quantized blocks as they are), "float32" (transformers' fp32
         numbers), "float16", "int8" or "int4" (round to nearest, groups of 32). With a GPU budget it applies
-        to the cold rows the CPU keeps ("float16" rounds them to fp16; the device side takes ``dtype``).
+        to the cold rows the CPU keeps ("float16" rounds them to fp16; the device side takes ``dtype``),
+        and "auto" on a quantized GGUF keeps its FFN blocks: the hot rows go to the device packed in 4 bits
+        (lossless from Q4_0 / Q4_1 / Q4_K, other types rounded to int4; offload.packed_hot) and the cold
+        rows are dequantized to fp32.
         ``activations``: how quantized weight matrices ("auto" on a quantized GGUF, "int8", "int4") take a
         token's input: "int8" (the default, as llama.cpp: x rounded to int8 per group of 32, integer dot
         products, several times faster; logits move by about as much as llama.cpp's) or "float32" (x as is:
@@ -170,7 +191,7 @@ class OffloadedModel:
         the hybrid's preparation (which can take minutes the first time), so that cheap checks such as a
         prompt's length fail first. Invalid arguments raise UsageError / BudgetError before anything loads."""
         from offload.cpu.decode import fuse_decode_blocks, warm_up
-        from offload.formats import ACTIVATIONS, WEIGHT_FORMATS, format_name, store_ffn_weights_fp16
+        from offload.formats import ACTIVATIONS, WEIGHT_FORMATS, format_name
 
         budget = parse_memory_size(gpu_memory, allow_zero=True) if gpu_memory is not None else None
         device = _resolve_device(device)
@@ -209,13 +230,13 @@ class OffloadedModel:
         if device.type == "cpu":  # every weight matrix in its CPU storage format, built tensor by tensor
             net = fuse_decode_blocks(build_model(ckpt, progress=progress, weights=weights, activations=activations,
                                                  threads=start_pool(threads)))
-        else:  # hybrid on a GPU: dense on the CPU in fp32, then every FFN split between the two
-            net = build_model(ckpt, dtype=torch.float32, device="cpu", progress=progress)
-            if weights == "float16":  # the cold rows the CPU will hold: fp16 (the hybrid keeps their dtype)
-                store_ffn_weights_fp16(net)
+        else:  # hybrid on a GPU: the model on the CPU, then every FFN split between the two
+            net = build_for_gpu_hybrid(ckpt, weights, activations, progress)
         m = cls(net, load_tokenizer(ckpt), ckpt, device=torch.device("cpu"), gpu_memory=budget, threads=threads)
-        # "auto" resolved to what was loaded: the key of the prepared artifacts (fp32 cold rows on a GPU run)
-        m.weights = format_name(net) if device.type == "cpu" else ("float16" if weights == "float16" else "float32")
+        # "auto" resolved to what was loaded: the key of the prepared artifacts (on a GPU run: a GGUF's blocks, or
+        # the cold rows' float format)
+        m.weights = format_name(net) if device.type == "cpu" or format_name(net) == "gguf" else \
+            ("float16" if weights == "float16" else "float32")
         if before_offload is not None:
             before_offload(m)
         if budget is None:

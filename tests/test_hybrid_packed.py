@@ -132,3 +132,28 @@ def test_bad_hot_format_and_unpackable_widths(tiny_checkpoint):
         p.data = torch.zeros(p.shape)
     with pytest.raises(ValueError, match="groups of 32 .* d=48, n=64"):
         apply_placement(odd, [np.arange(4)], None, device="cpu", hot_format="int4")
+
+
+def test_gpu_hybrid_build_of_a_gguf_keeps_ffn_blocks(smollm2_gguf, smollm2_ours):
+    """from_pretrained(gguf, device="cuda", gpu_memory=...) builds this CPU model (offload.api.build_for_gpu_hybrid):
+    the FFNs as stored, the rest dense fp32 (it moves to the device). Its prompt logits are the fp32
+    model's; with every neuron hot the hybrid, reading packed 4-bit hot rows losslessly from the Q4_1
+    blocks, computes them too (here the "device" is the CPU: the kernels' torch references)."""
+    from offload.api import build_for_gpu_hybrid, is_quantized_gguf
+    from offload.formats import format_name
+    from offload.models.common import Embedding, Linear
+
+    ckpt = open_checkpoint(smollm2_gguf)
+    assert is_quantized_gguf(ckpt)
+    net = build_for_gpu_hybrid(ckpt, "auto", "float32", progress=False)
+    assert format_name(net) == "gguf" and isinstance(net.embed, Embedding)
+    assert isinstance(net.layers[0].attn.qkv, Linear) and net.lm_head.weight is net.embed.weight
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    want = smollm2_ours.model(ids, smollm2_ours.model.new_cache(1, 8), 0)
+    assert (net(ids, net.new_cache(1, 8), 0) - want).abs().max().item() <= 1e-3
+    layers = len(net.layers)
+    assert packed_hot_layouts(net) == [("q4_1", "q4_1")] * layers
+    apply_placement(net, [np.arange(1536)] * layers, None, device="cpu", hot_format="int4")
+    assert net.layers[0].mlp.hot_rows.layout.name == "q4_1"
+    assert (net(ids, net.new_cache(1, 8), 0) - want).abs().max().item() <= 1e-3
+    net.hybrid_worker.close()

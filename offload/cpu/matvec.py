@@ -9,7 +9,8 @@ compiled kernels (the fused decode blocks in offload.cpu.attention and offload.c
 are then compiled once per combination of formats.
 
 threads: 1 runs on the caller; more splits the rows over the pool (offload.cpu.pool) when each part gets
-at least MIN_BYTES_PER_THREAD (a hand-off costs a few µs: a 576×576 fp16 matrix is ~20 µs of work).
+at least MIN_BYTES_PER_THREAD (a hand-off costs a few µs: a 576×576 fp16 matrix is ~20 µs of work);
+column planes count 2 bytes a weight whatever their width, since their unpacking, not memory, bounds them.
 """
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ def _planes_product(mode: int):
         def product(W, x, y, cols, threads):
             X, Y = x.reshape(1, x.shape[0]), y.reshape(1, y.shape[0])
             T = W.planes.shape[0]
-            parts = min(T, _parts(W.planes.size * cols.shape[0] // max(1, W.cols.shape[0]), threads))
+            # sized by the weights (as fp16 bytes), not the bytes: unpacking bits for fp32 x is compute-bound
+            # (a Q5_0 576×576 matrix, 207 KB, ran 0.64× the plain loop's 2-thread speed on one thread)
+            parts = min(T, _parts(2 * W.rows * cols.shape[0], threads))
             if parts <= 1:
                 packed_gemv.gemv_tiles(mode, W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, cols,
                                        W.zero, X, Y, 0, T)

@@ -152,6 +152,40 @@ def store_ffn_weights_fp16(model: nn.Module) -> nn.Module:
     return model
 
 
+def dense_outside_ffn(model: nn.Module) -> nn.Module:
+    """Swap every CPU storage module outside the FFNs (attention, embedding table, head) of a model built in
+    a format for the dense torch module holding its weights in fp32 (dequantized), in place; returns the
+    model. What a GPU placement of a GGUF as stored needs: the non-FFN part moves to the device as torch
+    tensors, while the FFNs keep the file's blocks, from which the hybrid packs its hot rows losslessly
+    (offload.packed_hot). A tied head shares the new table."""
+    in_ffn = {id(m) for layer in model.layers for m in layer.mlp.modules()}
+    if not isinstance(model.embed, Embedding):
+        model.embed = _dense_embedding(model.embed.dense_weight())
+    for parent in list(model.modules()):
+        if id(parent) in in_ffn:
+            continue
+        for name, child in list(parent.named_children()):
+            if isinstance(child, CpuLinear):
+                setattr(parent, name, _dense_linear(child))
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model
+
+
+def _dense_linear(stored: CpuLinear) -> Linear:
+    lin = Linear(stored.in_features, stored.out_features, bias=stored.bias is not None, device="meta")
+    lin.weight = nn.Parameter(stored.dense_weight().detach().float().contiguous(), requires_grad=False)
+    if stored.bias is not None:
+        lin.bias = nn.Parameter(stored.bias.detach().float().clone(), requires_grad=False)
+    return lin
+
+
+def _dense_embedding(table: torch.Tensor) -> Embedding:
+    emb = Embedding(table.shape[0], table.shape[1], device="meta")
+    emb.weight = nn.Parameter(table.detach().float().contiguous(), requires_grad=False)
+    return emb
+
+
 def set_threads(model: nn.Module, threads: int) -> None:
     """Run every CPU storage module of ``model`` on ``threads`` threads."""
     for module in model.modules():
@@ -188,7 +222,7 @@ def decode_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["ACTIVATIONS", "QUANTIZED_BITS", "WEIGHT_FORMATS", "CpuLinear", "FileEmbedding", "Float16Linear", "Float32Linear",
-           "PackedEmbedding",
-           "PackedLinear", "apply_weight_format", "check_activations", "check_weight_format", "decode_bytes", "embedding_for", "format_name",
-           "linear_for", "set_threads", "store_ffn_weights_fp16", "tied_head"]
+__all__ = ["ACTIVATIONS", "QUANTIZED_BITS", "WEIGHT_FORMATS", "CpuLinear", "FileEmbedding", "Float16Linear",
+           "Float32Linear", "PackedEmbedding", "PackedLinear", "apply_weight_format", "check_activations",
+           "check_weight_format", "decode_bytes", "dense_outside_ffn", "embedding_for", "format_name", "linear_for",
+           "set_threads", "store_ffn_weights_fp16", "tied_head"]
