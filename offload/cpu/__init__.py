@@ -13,6 +13,13 @@ Compiled code is cached on disk (numba ``cache=True``), under a folder named by 
 and offload.formats' sources: numba checks only the timestamp of the file that holds a function, not
 of the functions it calls from other files, so after an upgrade a cached kernel could run stale code
 (or fail to load a module that no longer exists). ``NUMBA_CACHE_DIR``, when set, is the parent folder.
+
+A numba function made by a factory (one per kernel mode or storage kind) needs a name of its own
+(:func:`own_name`): numba names a compiled function's symbol by its qualified name, its argument types
+and a counter that restarts in every process, so two processes that compile two modes' kernels in the
+same order give them the same symbol. Each goes to the cache under its own key, but a later process that
+loads both links one symbol to one body: the other mode's callers run the wrong kernel (wrong numbers or
+a crash; numba/numba#10486). tests/test_numba_cache.py reproduces it.
 """
 from __future__ import annotations
 
@@ -31,6 +38,17 @@ def _use_versioned_numba_cache() -> None:
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(cache_root(), "numba")
     config.CACHE_DIR = os.path.join(base, digest)
+
+
+def own_name(suffix: str):
+    """Decorator, under ``@njit``, for a function a factory makes once per mode: appends ``_<suffix>`` to its
+    ``__name__`` and ``__qualname__``, so that its compiled symbol (and cache file) differs from every
+    other mode's whichever process compiled it (module docstring)."""
+    def rename(fn):
+        fn.__name__ = f"{fn.__name__}_{suffix}"
+        fn.__qualname__ = f"{fn.__qualname__}_{suffix}"
+        return fn
+    return rename
 
 
 _use_versioned_numba_cache()

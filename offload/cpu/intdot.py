@@ -41,6 +41,7 @@ from collections import namedtuple
 import numpy as np
 from numba import literally, njit, prange
 
+from offload.cpu import own_name
 from offload.cpu.intdot_ir import correction, quad_block
 from offload.cpu.ir import CACHE
 from offload.formats.quads import BLOCK, QuadMatrix, group_scales, row_codes
@@ -121,16 +122,19 @@ def run_blocks(bits, group, flags, tmax, codes, d, m, sc, mc, dmap, groups, XQ, 
 
 def _entry_points(bits: int, group: int, flags: int, tmax: int):
     """(serial, parallel) kernels for one storage kind: quantize X, then every block. numba caches each
-    closure by the values it captures."""
+    closure by the values it captures; each has a name of its own per kind (offload.cpu.own_name)."""
     corr = correction(bits)
+    kind = f"b{bits}g{group}f{flags}t{tmax}"
 
     @njit(nogil=True, cache=CACHE)
+    @own_name(kind)
     def serial(codes, d, m, sc, mc, dmap, groups, xmap, direct, X, Y):
         XQ, XS, XC, XM = x_buffers(X.shape[0], codes.shape[1], group)
         quantize_x(X, xmap, direct, group, corr, XQ, XS, XC, XM)
         run_blocks(bits, group, flags, tmax, codes, d, m, sc, mc, dmap, groups, XQ, XS, XC, XM, Y, 0, codes.shape[0])
 
     @njit(nogil=True, cache=CACHE, parallel=True)
+    @own_name(kind)
     def parallel(codes, d, m, sc, mc, dmap, groups, xmap, direct, X, Y, parts):
         XQ, XS, XC, XM = x_buffers(X.shape[0], codes.shape[1], group)
         quantize_x(X, xmap, direct, group, corr, XQ, XS, XC, XM)

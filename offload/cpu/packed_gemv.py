@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 from numba import literally, njit, prange
 
+from offload.cpu import own_name
 from offload.cpu.widen import as_f32
 from offload.formats.packed import PackedMatrix
 
@@ -277,12 +278,16 @@ def gemv_tiles(mode, planes, d, m, sc, mc, flags, gmap, dmap, cols, zero, X, Y, 
 
 def _entry_points(mode: int):
     """(serial, parallel) kernels for one mode, callable from Python without re-dispatch: they pass
-    ``mode`` to gemv_tiles as a compile-time constant. numba caches each closure by its value."""
+    ``mode`` to gemv_tiles as a compile-time constant. numba caches each closure by its value; each has
+    a name of its own per mode (offload.cpu.own_name: else a cache shared by processes can link one
+    mode's callers to another mode's kernel)."""
     @njit(nogil=True, fastmath=True, cache=True)
+    @own_name(f"mode{mode}")
     def serial(planes, d, m, sc, mc, flags, gmap, dmap, cols, zero, X, Y, t0, t1):
         gemv_tiles(mode, planes, d, m, sc, mc, flags, gmap, dmap, cols, zero, X, Y, t0, t1)
 
     @njit(nogil=True, fastmath=True, cache=True, parallel=True)
+    @own_name(f"mode{mode}")
     def parallel(planes, d, m, sc, mc, flags, gmap, dmap, cols, zero, X, Y, parts):
         """gemv_tiles over ``parts`` contiguous ranges of tiles, one prange region."""
         T = planes.shape[0]
