@@ -10,7 +10,7 @@
     team.py, worker.py  helper threads that sleep between calls (hybrid runs driving a GPU)
 
 Compiled code is cached on disk (numba ``cache=True``), under a folder named by a hash of this package's
-and offload.formats' sources: numba checks only the timestamp of the file that holds a function, not
+and offload.formats' sources (and models/ffn_kind.py, whose kind codes the cold kernels compile in): numba checks only the timestamp of the file that holds a function, not
 of the functions it calls from other files, so after an upgrade a cached kernel could run stale code
 (or fail to load a module that no longer exists). ``NUMBA_CACHE_DIR``, when set, is the parent folder.
 
@@ -33,8 +33,11 @@ def _use_versioned_numba_cache() -> None:
 
     from offload.cache import cache_root
 
+    import offload.models.ffn_kind as ffn_kind  # the kind codes the cold kernels compile in
+
     here = pathlib.Path(__file__).parent
-    sources = sorted(here.glob("*.py")) + sorted((here.parent / "formats").glob("*.py"))
+    sources = sorted(here.glob("*.py")) + sorted((here.parent / "formats").glob("*.py")) + [
+        pathlib.Path(ffn_kind.__file__)]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(cache_root(), "numba")
     config.CACHE_DIR = os.path.join(base, digest)
