@@ -87,6 +87,26 @@ def test_cpu_engine_equals_reference(tiny_checkpoint, kind, weights):
     torch.testing.assert_close(greedy_logits(model, ids, 6), greedy_logits(ref, ids, 6), rtol=1e-4, atol=1e-4)
 
 
+def test_fused_blocks_follow_new_caches_threads_and_swaps(tiny_checkpoint):
+    """The fused blocks remember their per-token-constant arguments (offload.cpu.decode): a second cache
+    (greedy_logits allocates one per call), a new thread count and a swapped weight module are picked up."""
+    from offload.formats import set_threads
+
+    dense = build_model(open_checkpoint(tiny_checkpoint("llama")), progress=False)
+    model = fuse_decode_blocks(apply_weight_format(copy.deepcopy(dense), "float32", 1))
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(1))
+    want = greedy_logits(dense, ids, 4)
+    for _ in range(2):
+        torch.testing.assert_close(greedy_logits(model, ids, 4), want, rtol=1e-4, atol=1e-4)
+    set_threads(model, 2)
+    torch.testing.assert_close(greedy_logits(model, ids, 4), want, rtol=1e-4, atol=1e-4)
+    attn = model.layers[0].attn
+    assert attn._fused_args(model.layers[0].attn_norm)[1][-1] == 2
+    attn.o = Float32Linear(attn.o.dense_weight() * 0, None, 2)  # a swap: the attention output is now zero
+    dense.layers[0].attn.o.weight.data.zero_()
+    torch.testing.assert_close(greedy_logits(model, ids, 4), greedy_logits(dense, ids, 4), rtol=1e-4, atol=1e-4)
+
+
 def test_apply_weight_format_refuses_unknown_and_non_cpu(tiny_checkpoint):
     model = build_model(open_checkpoint(tiny_checkpoint("llama")), progress=False)
     with pytest.raises(ValueError, match="weights='int3'"):

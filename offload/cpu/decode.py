@@ -12,6 +12,8 @@ Why: at batch 1 a SmolLM2 layer is ~15 small ops; in Python each costs 5-40 µs 
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 from torch import nn
@@ -45,15 +47,39 @@ class FusedAttention(Attention):
         return new
 
     def residual(self, x, norm, cos, sin, cache, layer, start):
-        if not (cache is not None and one_cpu_token(x) and isinstance(self.qkv, CpuLinear)
-                and isinstance(self.o, CpuLinear) and cache.k[layer].dtype == torch.float32
-                and norm.weight.dtype == torch.float32):
+        args = self._fused_args(norm) if cache is not None and one_cpu_token(x) else None
+        kv = _kv_views(self, cache, layer) if args is not None else None
+        if kv is None:
             return super().residual(x, norm, cos, sin, cache, layer, start)
         out = np.empty(x.shape[-1], np.float32)
-        attention_block(x.numpy().reshape(-1), norm.weight.numpy(), norm.eps, self.qkv.operand, _bias(self.qkv),
-                        cos[0].numpy(), sin[0].numpy(), cache.k[layer][0].numpy(), cache.v[layer][0].numpy(),
-                        start, self.h, self.kvh, self.o.operand, _bias(self.o), self.qkv.threads, out)
+        head, tail = args
+        attention_block(x.numpy().reshape(-1), *head, cos[0].numpy(), sin[0].numpy(), *kv, start, *tail, out)
         return torch.from_numpy(out).view(x.shape)
+
+    def _fused_args(self, norm):
+        """The kernel's arguments that stay the same from token to token, or None when the fused path does
+        not apply (weights not in a CPU storage format, a non-fp32 norm). Remembered per (norm, qkv, o,
+        threads): a decode step would otherwise spend ~half its Python time rebuilding them."""
+        qkv, o = self._modules["qkv"], self._modules["o"]
+        key = (norm, qkv, o, getattr(qkv, "threads", None))
+        got = self.__dict__.get("_fused")  # not an attribute torch sees (no submodule registration)
+        if got is None or any(a is not b for a, b in zip(got[0][:3], key[:3])) or got[0][3] != key[3]:
+            ok = isinstance(qkv, CpuLinear) and isinstance(o, CpuLinear) and norm.weight.dtype == torch.float32
+            args = ((norm.weight.numpy(), norm.eps, qkv.operand, _bias(qkv)),
+                    (self.h, self.kvh, o.operand, _bias(o), qkv.threads)) if ok else None
+            got = self.__dict__["_fused"] = (key, args)
+        return got[1]
+
+
+def _kv_views(attn: nn.Module, cache, layer: int):
+    """(k, v) NumPy views of layer ``layer`` of ``cache`` (fp32 on the CPU), or None: remembered for the
+    cache's tensors through a weak reference (a finished generate's cache is not kept alive)."""
+    got = attn.__dict__.get("_kv")
+    if got is None or got[0]() is not cache.k:
+        k, v = cache.k[layer], cache.v[layer]
+        ok = k.dtype == torch.float32 and k.device.type == "cpu"
+        got = attn.__dict__["_kv"] = (weakref.ref(cache.k), (k[0].numpy(), v[0].numpy()) if ok else None)
+    return got[1]
 
 
 class FusedGatedFFN(GatedFFN):
@@ -68,13 +94,26 @@ class FusedGatedFFN(GatedFFN):
         return new
 
     def residual(self, x, norm):
-        if not (one_cpu_token(x) and isinstance(self.gate_up, CpuLinear) and isinstance(self.down, CpuLinear)
-                and self.gate_up.bias is None and self.down.bias is None and norm.weight.dtype == torch.float32):
+        args = self._fused_args(norm) if one_cpu_token(x) else None
+        if args is None:
             return super().residual(x, norm)
         out = np.empty(x.shape[-1], np.float32)
-        gated_ffn_block(x.numpy().reshape(-1), norm.weight.numpy(), norm.eps, self.gate_up.operand,
-                        self.down.operand, self.n, self.kind.code, self.gate_up.threads, out)
+        gated_ffn_block(x.numpy().reshape(-1), *args, out)
         return torch.from_numpy(out).view(x.shape)
+
+    def _fused_args(self, norm):
+        """As FusedAttention._fused_args: remembered per (norm, gate_up, down, threads); None without
+        CPU storage formats, with biases or a non-fp32 norm."""
+        gate_up, down = self._modules["gate_up"], self._modules["down"]
+        key = (norm, gate_up, down, getattr(gate_up, "threads", None))
+        got = self.__dict__.get("_fused")
+        if got is None or any(a is not b for a, b in zip(got[0][:3], key[:3])) or got[0][3] != key[3]:
+            ok = (isinstance(gate_up, CpuLinear) and isinstance(down, CpuLinear) and gate_up.bias is None
+                  and down.bias is None and norm.weight.dtype == torch.float32)
+            args = (norm.weight.numpy(), norm.eps, gate_up.operand, down.operand, self.n, self.kind.code,
+                    gate_up.threads) if ok else None
+            got = self.__dict__["_fused"] = (key, args)
+        return got[1]
 
 
 def fuse_decode_blocks(model: nn.Module) -> nn.Module:
