@@ -56,6 +56,7 @@ __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
     "MAX_BATCH",
+    "check_activation",
     "gather_gemv",
     "gather_gemv_reference",
     "gather_gemv_triton",
@@ -63,13 +64,21 @@ __all__ = [
     "resolve_backend",
 ]
 
-ACTIVATIONS = tuple(k.value for k in FFNKind)  # the ACTIVATION constexpr: models.ffn_kind's names
+ACTIVATIONS = tuple(k.value for k in FFNKind if k.kernels)  # the ACTIVATION constexpr: models.ffn_kind's names
+
+
+def check_activation(activation: str) -> None:
+    """ValueError unless ``activation`` is one of ACTIVATIONS (UnsupportedModelError naming a kind that the
+    kernels do not compute: models.ffn_kind)."""
+    if activation in tuple(k.value for k in FFNKind):
+        FFNKind(activation).check_kernels("the Triton hot-row kernels")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def check_gather_gemv_args(x, w1, idx, w2=None, b1=None, activation: str = "swiglu") -> None:
     """Raise ValueError/TypeError, naming the argument, unless the inputs are supported."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     b, d = check_token_rows("x", x)
     check_tensor("w1", w1, 2)
     check_float("w1", w1)
@@ -299,8 +308,7 @@ def gather_gemv_reference(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,
     g = xf @ w1.index_select(0, rows).float().T
     if b1 is not None:
         g = g + b1.index_select(0, rows).float()
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     if FFNKind(activation).gated:
         h = ffn_activation(activation, g, xf @ w2.index_select(0, rows).float().T)
     else:

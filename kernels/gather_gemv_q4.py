@@ -31,8 +31,8 @@ import triton.language as tl
 
 from offload.formats.packed_rows import GROUP, Q4Rows, dequantize_rows, layout_from
 
-from .gather_gemv import (ACTIVATIONS, activate, autotune_bench, gather_gemv_reference, program_slots, tile_configs,
-                          x_pairs)
+from .gather_gemv import (activate, autotune_bench, check_activation, gather_gemv_reference, program_slots,
+                          tile_configs, x_pairs)
 from .launch import (BACKENDS, check_float, check_idx, check_no_grad, check_same_device, check_tensor,
                      check_token_rows, launch, require_triton_device, resolve_backend)
 
@@ -74,8 +74,7 @@ def check_q4_scales(where: str, shape_d: tuple, shape_g: tuple, axis: int, d, m,
 def check_gather_gemv_q4_args(x, codes, d, m, sc, mc, idx, b1=None, activation: str = "swiglu", sub: int = 1,
                               zero: int = 0) -> None:
     """Raise ValueError/TypeError, naming the argument, unless the inputs are supported."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     b, dx = check_token_rows("x", x)
     check_tensor("codes", codes, 3)
     if codes.dtype != torch.uint8:

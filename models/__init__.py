@@ -16,10 +16,11 @@ from __future__ import annotations
 from types import ModuleType
 
 from offload.errors import UnsupportedModelError
-from offload.models import llama, opt
+from offload.models import gemma3, llama, opt
 
 FAMILIES: dict[str, tuple[ModuleType, type, type]] = {}
-for _module, _config, _model in ((llama, llama.LlamaConfig, llama.LlamaModel), (opt, opt.OPTConfig, opt.OPTModel)):
+for _module, _config, _model in ((llama, llama.LlamaConfig, llama.LlamaModel), (opt, opt.OPTConfig, opt.OPTModel),
+                                 (gemma3, gemma3.Gemma3Config, gemma3.Gemma3Model)):
     for _type in _module.MODEL_TYPES:
         FAMILIES[_type] = (_module, _config, _model)
 

@@ -3,7 +3,7 @@ and the base classes of the modules the engine swaps (FFNs and attention)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +71,19 @@ class FFNModule(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) · w. ``unit_offset`` (Gemma): x / rms(x) · (1 + w), computed in fp32 and cast back to x's
+    dtype (the checkpoint stores w, centred on 0)."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unit_offset:  # transformers' Gemma3RMSNorm, op for op
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (xf * (1.0 + self.weight.float())).type_as(x)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # One fused op (bit-identical to the lines below in fp32, ~20 µs less per call at decode).
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -117,11 +124,127 @@ def rope_tables(inv_freq: torch.Tensor, scale: float, length: int) -> tuple[torc
     return emb.cos() * scale, emb.sin() * scale
 
 
+class RopeCache:
+    """cos, sin tables of one rope (``rope_inv_freq``'s inverse frequencies and scale), grown on demand and
+    kept per device: ``rope(start, t, dtype, device)`` → cos, sin [t, head_dim] for positions start..start+t."""
+
+    def __init__(self, inv_freq: torch.Tensor, scale: float):
+        self.inv_freq, self.scale = inv_freq, scale
+        self.tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, start: int, t: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + t
+        cos, sin = self.tables.get(device, (None, None))
+        if cos is None or cos.shape[0] < end:
+            length = max(end, 256, 0 if cos is None else cos.shape[0])
+            cos, sin = (tab.to(device) for tab in rope_tables(self.inv_freq, self.scale, length))
+            self.tables[device] = cos, sin
+        return cos[start:end].to(dtype), sin[start:end].to(dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [b, h, t, hd]; cos, sin [t, hd]."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """What a decoder family's config dataclass starts with (HF names): the sizes, and (keyword-only) the
+    special token ids and ``extra``."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    bos_token_id: int | None = field(default=None, kw_only=True)
+    eos_token_id: int | list[int] | None = field(default=None, kw_only=True)
+    extra: dict = field(default_factory=dict, compare=False, repr=False, kw_only=True)
+
+    @staticmethod
+    def hf_common(cfg: dict, max_position_embeddings: int) -> dict:
+        """Those fields from a HF config.json dict (kv heads default to the heads, head_dim to d / heads;
+        ``max_position_embeddings`` when the dict has none)."""
+        heads = cfg["num_attention_heads"]
+        return dict(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                    intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+                    num_attention_heads=heads, num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+                    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                    max_position_embeddings=cfg.get("max_position_embeddings", max_position_embeddings),
+                    bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
+
+    def head_tensors(self) -> dict[str, tuple[int, ...]]:
+        """expected_tensors of the embedding, the final norm and an untied head (HF names → shapes); the
+        subclass has ``tie_word_embeddings``."""
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, self.hidden_size),
+                  "model.norm.weight": (self.hidden_size,)}
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
+        return shapes
+
+
+class DecoderLM(nn.Module):
+    """What the decoders share around their blocks: ``embed`` (the token table), ``layers``, the final
+    ``norm``, ``lm_head`` (with tied embeddings the embedding's parameter: one tensor), ``config``,
+    ``dtype`` (of activations and the KV cache; weights may be stored otherwise: offload.formats)."""
+
+    def __init__(self, cfg, dtype: torch.dtype, device, layers, norm: nn.Module):
+        super().__init__()
+        self.config = cfg
+        self.dtype = dtype
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
+        self.tie_weights()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model takes its input ids (the final norm's device: the head's side)."""
+        return self.norm.weight.device
+
+    def tie_weights(self) -> None:
+        """With tied embeddings, make the head's weight the embedding's parameter again (after loading
+        replaced it)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def parameter_sources(self) -> dict[str, tuple[str, ...]]:
+        """Each parameter (its path in this module) → the checkpoint tensors (HF names) it is made of,
+        concatenated along dim 0 when several (fused q/k/v and gate/up). A weight comes before its bias."""
+        src = {"embed.weight": ("model.embed_tokens.weight",), "norm.weight": ("model.norm.weight",)}
+        if not self.config.tie_word_embeddings:
+            src["lm_head.weight"] = ("lm_head.weight",)
+        for i in range(len(self.layers)):
+            src.update(self.block_sources(f"layers.{i}.", f"model.layers.{i}."))
+        return src
+
+    def block_sources(self, p: str, m: str) -> dict[str, tuple[str, ...]]:
+        """parameter_sources of the block at path ``p`` here ("layers.3.") and HF prefix ``m``."""
+        raise NotImplementedError
+
+
+def fused_block_sources(p: str, m: str, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> dict[str, tuple[str, ...]]:
+    """parameter_sources of a block's fused attention (attn.qkv: q, k, v rows; attn.o) and gated FFN
+    (mlp.gate_up: gate, up rows; mlp.down) from HF's separate projections; p, m as DecoderLM.block_sources."""
+    a, f = m + "self_attn.", m + "mlp."
+    src = {p + "attn.qkv.weight": (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+           p + "attn.o.weight": (a + "o_proj.weight",)}
+    if qkv_bias:
+        src[p + "attn.qkv.bias"] = (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
+    if o_bias:
+        src[p + "attn.o.bias"] = (a + "o_proj.bias",)
+    src[p + "mlp.gate_up.weight"] = (f + "gate_proj.weight", f + "up_proj.weight")
+    src[p + "mlp.down.weight"] = (f + "down_proj.weight",)
+    if mlp_bias:
+        src[p + "mlp.gate_up.bias"] = (f + "gate_proj.bias", f + "up_proj.bias")
+        src[p + "mlp.down.bias"] = (f + "down_proj.bias",)
+    return src
 
 
 @dataclass
@@ -157,11 +280,12 @@ class KVCache:
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None,
-                     layer: int, start: int, scale: float | None = None) -> torch.Tensor:
+                     layer: int, start: int, scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """Causal attention of q [b, h, t, hd] at positions start..start+t over all keys so far.
 
     k, v [b, kvh, t, hd] are the new keys and values; with a cache they are written at
-    start..start+t and attention reads 0..start+t. Returns [b, h, t, hd].
+    start..start+t and attention reads 0..start+t. ``window`` (sliding-window layers): a query at
+    position p sees only the keys at p − window < j ≤ p. Returns [b, h, t, hd].
     """
     t = q.shape[2]
     if cache is not None:
@@ -169,13 +293,26 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: K
         cache.k[layer][:, :, start:end] = k
         cache.v[layer][:, :, start:end] = v
         k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+    if window is not None and k.shape[2] - t - window + 1 > 0:  # keys no query of these sees: not read
+        first = k.shape[2] - t - window + 1
+        k, v = k[:, :, first:], v[:, :, first:]
     total = k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if t == 1:
-        # One query sees every cached key: no mask.
+        # One query sees every key left: no mask.
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-    if total == t:
+    if total == t and (window is None or window >= t):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    # Several new queries after a cached prefix: query i (absolute start+i) sees keys <= start+i.
-    mask = torch.ones(t, total, dtype=torch.bool, device=q.device).tril(diagonal=total - t)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_visible(t, total, window, q.device), scale=scale,
+                                          enable_gqa=gqa)
+
+
+def _visible(t: int, total: int, window: int | None, device) -> torch.Tensor:
+    """Bool [t, total]: whether query i (the i-th of the last t positions of ``total``) sees key j."""
+    q_pos = torch.arange(total - t, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+

@@ -9,6 +9,12 @@ against :func:`activation` here, and takes the kind's integer :attr:`FFNKind.cod
     relu      relu(g_i)·u_i                                           ReluLLaMA, ProSparse
     drelu     relu(g_i)·relu(u_i)                                     TurboSparse, Bamboo
     relu_fc   relu(f_i)   (f = fc1·x + b1, no up projection)          OPT
+    geglu     gelu_tanh(g_i)·u_i   (GELU, tanh approximation)             Gemma 3
+
+The numba and Triton kernels (fused CPU decode blocks, the cold FFN, the shadow predictors' scores, the
+hybrid's hot rows) compute the first four kinds; geglu runs only through the torch paths (:func:`activation`:
+dense models, on any device and in any CPU weight format). :meth:`FFNKind.check_kernels` refuses it, naming
+the kind, where a kernel would otherwise branch on its code.
 """
 from __future__ import annotations
 
@@ -27,10 +33,11 @@ class FFNKind(str, enum.Enum):
     RELU = "relu"
     DRELU = "drelu"
     RELU_FC = "relu_fc"
+    GEGLU = "geglu"
 
     @property
     def code(self) -> int:
-        """The integer the numba and Triton kernels branch on (0..3, in declaration order)."""
+        """The integer the numba and Triton kernels branch on (0..4, in declaration order)."""
         return _CODES[self]
 
     @property
@@ -42,7 +49,21 @@ class FFNKind(str, enum.Enum):
     def exact_sparsity(self) -> bool:
         """Whether inactive neurons contribute exactly zero (ReLU family): a neuron's activity is then
         a fact of the token, not a choice of density."""
-        return self is not FFNKind.SWIGLU
+        return self in (FFNKind.RELU, FFNKind.DRELU, FFNKind.RELU_FC)
+
+    @property
+    def kernels(self) -> bool:
+        """Whether the numba and Triton kernels compute this kind (module docstring)."""
+        return self is not FFNKind.GEGLU
+
+    def check_kernels(self, where: str) -> "FFNKind":
+        """This kind if the kernels compute it; UnsupportedModelError naming it and ``where`` otherwise."""
+        if not self.kernels:
+            supported = ", ".join(k.value for k in FFNKind if k.kernels)
+            raise UnsupportedModelError(
+                f"FFN kind {self.value!r} is not supported by {where} (its kernels compute {supported}); "
+                "such a model runs dense (no gpu_memory / offload())")
+        return self
 
     @classmethod
     def of(cls, kind: "str | FFNKind") -> "FFNKind":
@@ -71,6 +92,8 @@ def activation(kind: "str | FFNKind", g: torch.Tensor | None, u: torch.Tensor) -
         return F.relu(g) * u
     if kind is FFNKind.DRELU:
         return F.relu(g) * F.relu(u)
+    if kind is FFNKind.GEGLU:
+        return F.gelu(g, approximate="tanh") * u
     return F.relu(u)
 
 

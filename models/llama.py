@@ -4,29 +4,21 @@ Shapes: b batch, t tokens, d hidden, n FFN neurons, h / kvh query / key-value he
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from offload.errors import UnsupportedModelError
-from offload.models.common import (Embedding, FFNModule, KVCache, Linear, RMSNorm, apply_rope, cached_attention,
-                                   rope_inv_freq, rope_tables)
+from offload.models.common import (DecoderLM, DecoderConfig, FFNModule, KVCache, Linear, RMSNorm, RopeCache,
+                                   apply_rope, cached_attention, fused_block_sources, rope_inv_freq)
 from offload.models.ffn_kind import GATED_KIND_OF_HIDDEN_ACT, FFNKind, activation
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    max_position_embeddings: int
+class LlamaConfig(DecoderConfig):
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
@@ -36,9 +28,6 @@ class LlamaConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     model_type: str = "llama"
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "LlamaConfig":
@@ -49,21 +38,13 @@ class LlamaConfig:
         if act not in GATED_KIND_OF_HIDDEN_ACT:
             raise UnsupportedModelError(f"hidden_act {act!r} is not supported for {model_type}; supported: "
                                         f"{sorted(GATED_KIND_OF_HIDDEN_ACT)}")
-        heads = cfg["num_attention_heads"]
         rope = dict(cfg.get("rope_parameters") or {})
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         qwen = model_type == "qwen2"
         bias = bool(cfg.get("attention_bias", False))
         return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            **cls.hf_common(cfg, max_position_embeddings=2048),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             rope_scaling=dict(scaling) if scaling else None,
@@ -73,8 +54,6 @@ class LlamaConfig:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             model_type=model_type,
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=cfg.get("eos_token_id"),
         )
 
 
@@ -82,9 +61,7 @@ def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint of this config must hold, HF names → shapes."""
     d, n, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q_out, kv_out = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    shapes = cfg.head_tensors()
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes.update({
@@ -183,61 +160,20 @@ def layer_home(layer: nn.Module) -> tuple[torch.device, torch.dtype]:
     return w.device, w.dtype
 
 
-class LlamaModel(nn.Module):
-    """The dense decoder. ``forward(ids [b, t], cache, start) → logits [b, t, V]``.
-
-    With tied embeddings ``lm_head.weight`` is the embedding's parameter (one tensor)."""
+class LlamaModel(DecoderLM):
+    """The dense decoder. ``forward(ids [b, t], cache, start) → logits [b, t, V]``."""
 
     def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = torch.float32, device=None):
-        super().__init__()
-        self.config = cfg
-        self.dtype = dtype  # of activations and the KV cache (weights may be stored otherwise: offload.formats)
-        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(Block(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed.weight
-        inv_freq, scale = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
-        self._rope = (inv_freq, scale)
-        self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # cos, sin per device
+        super().__init__(cfg, dtype, device, (Block(cfg, dtype, device) for _ in range(cfg.num_hidden_layers)),
+                         RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+        self.rope = RopeCache(*rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                             cfg.max_position_embeddings))
 
-    @property
-    def device(self) -> torch.device:
-        """Where the model takes its input ids (the final norm's device: the head's side)."""
-        return self.norm.weight.device
-
-    def tie_weights(self) -> None:
-        """With tied embeddings, make the head's weight the embedding's parameter again (after loading
-        replaced it)."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed.weight
-
-    def parameter_sources(self) -> dict[str, tuple[str, ...]]:
-        """Each parameter (its path in this module) → the checkpoint tensors (HF names) it is made of,
-        concatenated along dim 0 when several (fused q/k/v and gate/up)."""
+    def block_sources(self, p: str, m: str) -> dict[str, tuple[str, ...]]:
         c = self.config
-        src = {"embed.weight": ("model.embed_tokens.weight",), "norm.weight": ("model.norm.weight",)}
-        if not c.tie_word_embeddings:
-            src["lm_head.weight"] = ("lm_head.weight",)
-        for i in range(c.num_hidden_layers):
-            p, m = f"layers.{i}.", f"model.layers.{i}."
-            a = m + "self_attn."
-            src[p + "attn_norm.weight"] = (m + "input_layernorm.weight",)
-            src[p + "ffn_norm.weight"] = (m + "post_attention_layernorm.weight",)
-            src[p + "attn.qkv.weight"] = (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight")
-            src[p + "attn.o.weight"] = (a + "o_proj.weight",)
-            if c.attention_bias:
-                src[p + "attn.qkv.bias"] = (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")
-            if c.attention_out_bias:
-                src[p + "attn.o.bias"] = (a + "o_proj.bias",)
-            f = m + "mlp."
-            src[p + "mlp.gate_up.weight"] = (f + "gate_proj.weight", f + "up_proj.weight")
-            src[p + "mlp.down.weight"] = (f + "down_proj.weight",)
-            if c.mlp_bias:
-                src[p + "mlp.gate_up.bias"] = (f + "gate_proj.bias", f + "up_proj.bias")
-                src[p + "mlp.down.bias"] = (f + "down_proj.bias",)
-        return src
+        return {p + "attn_norm.weight": (m + "input_layernorm.weight",),
+                p + "ffn_norm.weight": (m + "post_attention_layernorm.weight",),
+                **fused_block_sources(p, m, c.attention_bias, c.attention_out_bias, c.mlp_bias)}
 
     def new_cache(self, batch: int, max_len: int, device=None) -> KVCache:
         c = self.config
@@ -248,27 +184,18 @@ class LlamaModel(nn.Module):
         return KVCache.allocate(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
                                 home_dtype, device or home_device)
 
-    def _rope_for(self, start: int, t: int, dtype, device):
-        end = start + t
-        cos, sin = self._rope_tables.get(device, (None, None))
-        if cos is None or cos.shape[0] < end:
-            length = max(end, 256, 0 if cos is None else cos.shape[0])
-            cos, sin = (tab.to(device) for tab in rope_tables(*self._rope, length))
-            self._rope_tables[device] = cos, sin
-        return cos[start:end].to(dtype), sin[start:end].to(dtype)
-
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """Final-norm hidden states [b, t, d]. Layers may live on different devices and dtypes
         (offload.layer_split): x moves to each layer's home on the way."""
         x = self.embed(ids).to(self.dtype)
         home = (x.device, x.dtype)
-        cos, sin = self._rope_for(start, ids.shape[1], x.dtype, x.device)
+        cos, sin = self.rope(start, ids.shape[1], x.dtype, x.device)
         for i, layer in enumerate(self.layers):
             w = layer.attn_norm.weight
             if w.device != home[0] or w.dtype != home[1]:
                 x = x.to(w.device, w.dtype)
                 home = (w.device, w.dtype)
-                cos, sin = self._rope_for(start, ids.shape[1], x.dtype, x.device)
+                cos, sin = self.rope(start, ids.shape[1], x.dtype, x.device)
             x = layer(x, cos, sin, cache, i, start)
         w = self.norm.weight
         return self.norm(x if (w.device, w.dtype) == home else x.to(w.device, w.dtype))

@@ -20,6 +20,7 @@ from offload.cpu.pool import check_threads, start_pool
 from offload.errors import BudgetError, GenerationError, OffloadError, UsageError
 from offload.generation import GenerationStats, SamplingConfig, as_tuple, generate
 from offload.loading import build_model
+from offload.models.ffn_kind import FFNKind
 from offload.tokenizer import MissingTokenizer, load_tokenizer
 from offload.units import parse_memory_size
 
@@ -113,6 +114,7 @@ class OffloadedModel:
         if any(isinstance(layer.mlp, HybridFFN) for layer in self.model.layers):
             raise BudgetError("this model's FFNs are already placed (offload() was called); load the model again "
                               "with from_pretrained(gpu_memory=...) to place it for another budget")
+        FFNKind.of(self.model.layers[0].mlp.kind).check_kernels("the hybrid (offload())")
         device = device or self.device
         hot_dtype = hot_dtype or self.dtype
         if budget == 0 and device.type != "cpu":

@@ -72,7 +72,7 @@ def _prompts(tokens: torch.Tensor, n_prompts: int, prompt_tokens: int) -> list[t
 
 
 def ffn_kind(net) -> str:
-    """The FFN kind of a model's layers: swiglu, relu, drelu or relu_fc."""
+    """The FFN kind of a model's layers: swiglu, relu, drelu, relu_fc or geglu (models.ffn_kind)."""
     return ffn_weights(net.layers[0].mlp).kind
 
 

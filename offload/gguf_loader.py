@@ -6,6 +6,10 @@ for: as stored (``raw``: a quantized tensor's blocks, for the packed formats) or
 RoPE pairs adjacent dims, HF's pairs the two halves); we undo that so the weights match HF's.
 Qwen2 (``qwen2``: q/k/v biases, its own rope θ) is converted without that permutation, because
 llama.cpp runs it with the NeoX (halves) rope, which is HF's.
+Gemma 3 (``gemma3``, the text model: HF ``gemma3_text``) is not permuted either; llama.cpp's converter
+stores its RMSNorm weights as 1 + w (Gemma's norms multiply by 1 + w), so we subtract 1 again, as
+transformers' GGUF loader does; what the metadata does not hold (the local rope θ, the sliding-window
+pattern, the query scale) is what llama.cpp hard-codes for the architecture.
 """
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ import torch
 from offload.checkpoint import Checkpoint
 from offload.errors import CheckpointError, UnsupportedModelError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 _PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp permutes for its adjacent-pair rope
+_UNIT_OFFSET_NORMS = ("gemma3",)  # architectures whose norm weights llama.cpp stores as 1 + w
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -28,14 +33,20 @@ _LAYER_NAMES = {
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
+_ARCH_LAYER_NAMES = {"gemma3": {
+    **_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+}}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_MODEL_TYPES = {"gemma3": "gemma3_text"}  # GGUF architecture → HF model_type, where they differ
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     """HF name of a GGUF tensor ("blk.3.ffn_up.weight" → "model.layers.3.mlp.up_proj.weight")."""
+    layer_names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in layer_names:
+        return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
     m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
     if m and m.group(1) in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
@@ -95,7 +106,32 @@ def config_from_gguf(fields: dict, tensors, path: str) -> dict:
         if scaling != "linear":
             raise UnsupportedModelError(f"{path}: GGUF rope scaling {scaling!r} is not supported; supported: linear")
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
+    if arch == "gemma3":
+        del config["hidden_act"]
+        config.update(gemma3_config(_field, config))
     return config
+
+
+def gemma3_config(field, config: dict) -> dict:
+    """The Gemma 3 keys of a HF config from a ``gemma3`` GGUF's metadata (``field(key, default)``) and the
+    common keys already read. llama.cpp (src/llama-model.cpp) hard-codes what the file does not say: the
+    local rope θ 10⁴ and no rope scaling on sliding-window layers, every 6th layer global, and queries
+    scaled by 1/√head_dim, except the 27B (62 layers): 1/√(hidden / heads). The rope scaling read
+    (``rope_scaling``) applies to the global layers."""
+    head_dim = int(field("gemma3.attention.key_length", config.get("head_dim") or
+                         config["hidden_size"] // config["num_attention_heads"]))
+    scalar = config["hidden_size"] // config["num_attention_heads"] if config["num_hidden_layers"] == 62 else head_dim
+    out = {"model_type": _MODEL_TYPES["gemma3"], "hidden_activation": "gelu_pytorch_tanh", "head_dim": head_dim,
+           "sliding_window": int(field("gemma3.attention.sliding_window", 4096)), "rope_local_base_freq": 10000.0,
+           "query_pre_attn_scalar": scalar, "sliding_window_pattern": 6,
+           "final_logit_softcapping": field("gemma3.final_logit_softcapping"),
+           "attn_logit_softcapping": field("gemma3.attn_logit_softcapping")}
+    pattern = field("gemma3.attention.sliding_window_pattern")
+    if isinstance(pattern, (list, tuple)) and len(pattern) == config["num_hidden_layers"]:  # per layer: sliding?
+        out["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
+    elif pattern is not None:
+        out["sliding_window_pattern"] = int(pattern)
+    return out
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -147,14 +183,16 @@ def open_gguf(path: str) -> Checkpoint:
         raise CheckpointError(f"{path}: cannot read GGUF file ({e})") from None
     config = config_from_gguf(fields, tensors, path)
     by_hf, shapes = {}, {}
+    arch = fields.get("general.architecture")
     for t in tensors:
-        name = hf_tensor_name(t.name)
+        name = hf_tensor_name(t.name, arch)
         if name is None:
             raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name!r}")
         by_hf[name] = t
         shapes[name] = t.shape
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    permuted = config["model_type"] in _PERMUTED_QK
+    permuted = arch in _PERMUTED_QK
+    unit_offset = arch in _UNIT_OFFSET_NORMS
 
     def get(name: str) -> torch.Tensor:
         t = by_hf[name]
@@ -163,6 +201,8 @@ def open_gguf(path: str) -> Checkpoint:
             w = unpermute_qk(w, heads)
         elif permuted and name.endswith("k_proj.weight"):
             w = unpermute_qk(w, kv_heads)
+        elif unit_offset and name.endswith("norm.weight"):
+            w = w - np.float32(1.0)
         return torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # own, writable copy
 
     def raw(name: str):

@@ -107,7 +107,7 @@ def _ffn_sides(mlp: nn.Module):
         return FFNKind.RELU_FC, w.up, None, w.up_bias, w.down, w.down_bias
     if w.gate_bias is not None:
         raise UnsupportedModelError("hybrid FFN with mlp_bias=true (gate/up biases) is not supported yet")
-    return FFNKind.of(w.kind), w.gate, w.up, None, w.down, w.down_bias
+    return FFNKind.of(w.kind).check_kernels("the hybrid FFN"), w.gate, w.up, None, w.down, w.down_bias
 
 
 class HybridFFN(FFNModule):

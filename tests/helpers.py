@@ -14,12 +14,62 @@ import torch
 from offload.generation import SamplingConfig, generate
 
 
+def hf_logits(path, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' fp32 logits of one forward over ids, from the checkpoint at ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ref(ids).logits
+
+
+def hf_gguf_model(path: str):
+    """transformers' dense reference on a GGUF file (dequantized to fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=path, dtype=torch.float32).eval()
+
+
 def greedy_logits(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     """Logits [b, t + steps, V] of a prefill over ids, then ``steps`` cached greedy decode steps: the
     engine's decode loop (offload.generation.generate)."""
     out: list = []
     generate(model, ids, SamplingConfig(max_new_tokens=steps + 1), max_context=ids.shape[1] + steps + 1, logits=out)
     return torch.cat([o.to("cpu", torch.float32) for o in out], dim=1)
+
+
+# Our quantized models against transformers on the same GGUF (tests/test_gguf_packed.py says why these).
+TOL = 1e-3
+INT8_MAX_ABS, INT8_RMS, INT8_ARGMAX_AGREEMENT = 2.5, 0.4, 0.9
+
+
+def check_against_transformers(ours, hf, ids: torch.Tensor, steps: int = 32, exact: bool = True) -> dict:
+    """Our logits of a prompt ``ids`` [1, t] and of ``steps`` greedy decode steps (offload.generation) against
+    transformers' (teacher-forced over the same tokens). exact: within TOL and the same greedy tokens;
+    otherwise (int8 activations, in prompts as in decode) every position within INT8_MAX_ABS / INT8_RMS,
+    argmax agreeing at ≥ INT8_ARGMAX_AGREEMENT of the steps. Returns what was measured."""
+    logits: list = []
+    out, _ = generate(ours.model, ids, SamplingConfig(max_new_tokens=steps), max_context=4096, logits=logits)
+    with torch.no_grad():
+        ref_greedy = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                                 min_new_tokens=steps, do_sample=False)
+        ref = hf(out[:, :-1]).logits  # the same tokens, teacher-forced
+    got = torch.cat(logits, dim=1)
+    assert got.shape == ref.shape
+    n = ids.shape[1]
+    decode = got[:, n:] - ref[:, n:]
+    measured = {"prompt_max_abs": (got[:, :n] - ref[:, :n]).abs().max().item(),
+                "decode_max_abs": decode.abs().max().item(), "decode_rms": decode.pow(2).mean().sqrt().item(),
+                "rms": (got - ref).pow(2).mean().sqrt().item(),
+                "argmax_agreement": (got[:, n - 1:].argmax(-1) == ref[:, n - 1:].argmax(-1)).float().mean().item()}
+    if exact:
+        assert measured["prompt_max_abs"] <= TOL and measured["decode_max_abs"] <= TOL, measured
+        assert torch.equal(out, ref_greedy)
+        return measured
+    assert max(measured["prompt_max_abs"], measured["decode_max_abs"]) <= INT8_MAX_ABS, measured
+    assert measured["rms"] <= INT8_RMS, measured
+    assert measured["argmax_agreement"] >= INT8_ARGMAX_AGREEMENT, measured
+    return measured
 
 
 def interpreter_worker_results(test_file: str, marker: str) -> dict:

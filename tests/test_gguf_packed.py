@@ -21,39 +21,18 @@ import os
 
 import pytest
 import torch
+from helpers import check_against_transformers as check_measured
 
 from offload.formats import PackedLinear
-from offload.generation import SamplingConfig, generate
 
-TOL = 1e-3
-INT8_MAX_ABS, INT8_RMS, INT8_ARGMAX_AGREEMENT = 2.5, 0.4, 0.9
 # where scripts/fetch_qwen.py puts it by default (the tests' own OFFLOAD_CACHE is a fresh folder)
 QWEN = os.path.expanduser("~/.cache/offload/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 
 
 def check_against_transformers(ours, hf, prompt: str, exact: bool = True) -> None:
+    """helpers.check_against_transformers on the prompt as a chat turn, 32 decode steps, FFNs as stored."""
     assert isinstance(ours.model.layers[0].mlp.down, PackedLinear)
-    ids = ours.chat_ids(prompt)
-    logits: list = []
-    out, _ = generate(ours.model, ids, SamplingConfig(max_new_tokens=32), max_context=4096, logits=logits)
-    with torch.no_grad():
-        ref_greedy = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
-                                 do_sample=False)
-        ref = hf(out[:, :-1]).logits  # the same tokens, teacher-forced
-    got = torch.cat(logits, dim=1)
-    assert got.shape == ref.shape
-    n = ids.shape[1]
-    prompt_err = (got[:, :n] - ref[:, :n]).abs().max().item()
-    decode = got[:, n:] - ref[:, n:]
-    if exact:
-        assert prompt_err <= TOL and decode.abs().max().item() <= TOL, (prompt_err, decode.abs().max().item())
-        assert torch.equal(out, ref_greedy)
-        return
-    err = got - ref  # prompts round x to int8 as decode does (the same kernels)
-    assert err.abs().max().item() <= INT8_MAX_ABS and err.pow(2).mean().sqrt().item() <= INT8_RMS, \
-        (prompt_err, decode.abs().max().item(), err.pow(2).mean().sqrt().item())
-    agreement = (got[:, n - 1:].argmax(-1) == ref[:, n - 1:].argmax(-1)).float().mean().item()
-    assert agreement >= INT8_ARGMAX_AGREEMENT, agreement
+    check_measured(ours, hf, ours.chat_ids(prompt), 32, exact)
 
 
 def test_smollm2_q4_1_as_stored_matches_transformers(smollm2_gguf, smollm2_hf):

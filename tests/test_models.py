@@ -3,20 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import hf_logits
 
 from offload.checkpoint import open_checkpoint
 from offload.loading import build_model
 
-KINDS = ["llama", "llama_relu", "llama_tied", "llama3_rope", "qwen2", "opt", "opt_project", "opt_postln"]
+KINDS = ["llama", "llama_relu", "llama_tied", "llama3_rope", "qwen2", "opt", "opt_project", "opt_postln", "gemma3",
+         "gemma3_softcap"]
 TOL = 1e-4
-
-
-def hf_logits(path, ids):
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return ref(ids).logits
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -149,7 +149,7 @@ class ColdFFN:
         self.pool = pool
         if W.dtype not in (np.float32, np.float16):
             raise ValueError(f"bundled weights must be float32 or float16, got {W.dtype}")
-        self.act = act
+        self.act = act.check_kernels("the cold FFN kernels (offload.cpu.cold)")
         self.code = act.code
         self.n, self.d, self.m = n, d, m
         self.threads = int(threads) if threads else default_threads()

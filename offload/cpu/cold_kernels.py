@@ -41,7 +41,7 @@ from numba.extending import intrinsic
 from offload.cpu.widen import as_f32
 from offload.models.ffn_kind import FFNKind
 
-SWIGLU, RELU, DRELU, RELU_FC = (k.code for k in FFNKind)
+SWIGLU, RELU, DRELU, RELU_FC = (k.code for k in (FFNKind.SWIGLU, FFNKind.RELU, FFNKind.DRELU, FFNKind.RELU_FC))
 # cold_chunk prefetches up to this many bytes of each row of the next active neuron
 PREFETCH_ROW_BYTES = 2048
 # per-thread status words in ctl[2 + tid]

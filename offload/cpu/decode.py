@@ -124,7 +124,7 @@ def fuse_decode_blocks(model: nn.Module) -> nn.Module:
     for layer in model.layers:
         if type(layer.attn) is Attention:
             layer.attn = FusedAttention.of(layer.attn)
-        if type(layer.mlp) is GatedFFN:
+        if type(layer.mlp) is GatedFFN and layer.mlp.kind.kernels:  # ffn_block computes the kernels' kinds
             layer.mlp = FusedGatedFFN.of(layer.mlp)
     return model
 

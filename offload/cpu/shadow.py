@@ -218,7 +218,7 @@ def _resolve_d(d: Optional[int], d_pad: int, group: int) -> int:
 
 
 def _check_kind(kind: str) -> int:
-    kind = FFNKind.of(kind)
+    kind = FFNKind.of(kind).check_kernels("the shadow predictor's CPU kernels (offload.cpu.shadow)")
     if not kind.gated:
         raise ValueError(f"kind {kind.value!r} has no gate to shadow (OPT uses the low-rank predictor)")
     return kind.code

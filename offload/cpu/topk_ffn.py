@@ -72,7 +72,7 @@ class TopKDownFFN(FFNModule):
             raise TypeError("TopKDownFFN reads column planes: build the model with activations='float32'")
         if mlp.gate_up.bias is not None or mlp.down.bias is not None or len(mlp.down.parts) != 1:
             raise TypeError("TopKDownFFN supports FFNs without biases whose down is one packed matrix")
-        self.dense, self.kind, self.n = mlp, mlp.kind, mlp.n
+        self.dense, self.kind, self.n = mlp, mlp.kind.check_kernels("TopKDownFFN (offload.cpu.topk_ffn)"), mlp.n
         self.density, self.k = float(density), topk_count(density, mlp.n)
         self.selected = self.tokens = 0
         self._none = np.zeros(0, np.float32)
