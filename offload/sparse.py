@@ -315,9 +315,13 @@ def ffn_dense_bytes(model, itemsize: int | None = None) -> list[int]:
     net = model_net(model)
     out = []
     for layer in net.layers:
+        if itemsize is None:  # each weight module's own bytes: packed formats store less than a float a weight
+            mlp = getattr(layer.mlp, "dense", layer.mlp)
+            out.append(sum(getattr(mlp, name).nbytes for name in ("gate_up", "down", "fc1", "fc2")
+                           if getattr(mlp, name, None) is not None))
+            continue
         w = ffn_weights(layer.mlp)
-        per = w.neuron_bytes if itemsize is None else w.neuron_bytes // w.up.element_size() * itemsize
-        out.append(per * w.n)
+        out.append(w.neuron_bytes // w.up.element_size() * itemsize * w.n)
     return out
 
 

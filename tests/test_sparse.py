@@ -6,6 +6,7 @@ import torch
 
 from offload.checkpoint import open_checkpoint
 from offload.loading import build_model
+from offload.formats import apply_weight_format
 from offload.sparse import (OracleSelector, SparseFFN, SparsityError, densify, ffn_bytes_fraction, ffn_dense_bytes,
                             ffn_weights, is_sparse, masked_ffn_forward, sparse_ffn_forward, sparse_stats, sparsify,
                             true_activity)
@@ -105,3 +106,7 @@ def test_bytes_accounting(tiny_checkpoint):
     opt = tiny(tiny_checkpoint, "opt")  # fc1 row + fc2 column
     assert ffn_dense_bytes(opt) == [2 * 128 * 64 * 4] * 2
     assert OracleSelector(opt.layers[0].mlp).nbytes == 0
+    packed = apply_weight_format(tiny(tiny_checkpoint, "llama"), "int4", threads=1)  # as stored: 4-bit codes
+    stored = ffn_dense_bytes(packed)
+    assert stored == [packed.layers[0].mlp.gate_up.nbytes + packed.layers[0].mlp.down.nbytes] * 2
+    assert stored[0] < 3 * 96 * 64 * 4 / 6 and ffn_dense_bytes(packed, 4) == [3 * 96 * 64 * 4] * 2
