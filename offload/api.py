@@ -235,10 +235,7 @@ class OffloadedModel:
         else:  # hybrid on a GPU: the model on the CPU, then every FFN split between the two
             net = build_for_gpu_hybrid(ckpt, weights, activations, progress)
         m = cls(net, load_tokenizer(ckpt), ckpt, device=torch.device("cpu"), gpu_memory=budget, threads=threads)
-        # "auto" resolved to what was loaded: the key of the prepared artifacts (on a GPU run: a GGUF's blocks, or
-        # the cold rows' float format)
-        m.weights = format_name(net) if device.type == "cpu" or format_name(net) == "gguf" else \
-            ("float16" if weights == "float16" else "float32")
+        m.weights = format_name(net)  # "auto" resolved to what was loaded: the key of the prepared artifacts
         if before_offload is not None:
             before_offload(m)
         if budget is None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from offload.formats.packed import PackedMatrix
+from offload.formats.quantized import PackedLinear
 from offload.formats.packed_rows import (GROUP, INT4, Q4Down, Q4Rows, down_from_packed, layout_of, quantize_down,
                                          quantize_rows, rows_from_packed)
 
@@ -71,9 +72,8 @@ def packed_hot_format(model: nn.Module) -> list[tuple[str, str]] | None:
     weights are quantized on the CPU (a GGUF as stored, ``weights="int4"`` / ``"int8"``), since a budget
     then holds ~3.5× more hot neurons; None (rows at the device dtype) for float weights, and for FFNs
     whose widths are not in groups of 32."""
-    first = model.layers[0].mlp
-    down = getattr(first, "down", None) or getattr(first, "fc2", None)
-    if getattr(down, "parts", None) is None:  # not a PackedLinear: float weights
+    _, _, down = _linears(model.layers[0].mlp)
+    if not isinstance(down, PackedLinear):  # float weights
         return None
     d, n = down.out_features, down.in_features
     return packed_hot_layouts(model) if d % GROUP == 0 and n % GROUP == 0 else None

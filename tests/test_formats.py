@@ -107,6 +107,18 @@ def test_fused_blocks_follow_new_caches_threads_and_swaps(tiny_checkpoint):
     torch.testing.assert_close(greedy_logits(model, ids, 4), greedy_logits(dense, ids, 4), rtol=1e-4, atol=1e-4)
 
 
+def test_format_name_keys_what_the_ffn_stores(tiny_checkpoint):
+    """The key of prepared artifacts: a CPU model's storage format, and for a GPU run's CPU model (torch
+    Linears) the cold rows' dtype, fp16 after store_ffn_weights_fp16."""
+    from offload.formats import format_name, store_ffn_weights_fp16
+
+    build = lambda: build_model(open_checkpoint(tiny_checkpoint("llama")), progress=False)  # noqa: E731
+    assert format_name(build()) == "float32"
+    assert format_name(store_ffn_weights_fp16(build())) == "float16"
+    for weights in ("float32", "float16", "int4"):
+        assert format_name(apply_weight_format(build(), weights, 1)) == weights
+
+
 def test_apply_weight_format_refuses_unknown_and_non_cpu(tiny_checkpoint):
     model = build_model(open_checkpoint(tiny_checkpoint("llama")), progress=False)
     with pytest.raises(ValueError, match="weights='int3'"):

@@ -38,7 +38,7 @@ _PLANES_PRODUCTS: dict = {}
 
 def _planes_product(mode: int):
     """The compiled y = W[:, cols]·x[cols] over a column-plane operand whose unpacking is ``mode``
-    (offload.cpu.packed_gemv.KERNELS): one thread, or a parallel region sized by the bytes it reads."""
+    (offload.cpu.packed_gemv.KERNELS): one thread, or a parallel region sized by the weights it reads."""
     if mode not in _PLANES_PRODUCTS:
         _, parallel = packed_gemv.KERNELS[mode]
 

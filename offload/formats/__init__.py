@@ -136,8 +136,8 @@ def format_name(model: nn.Module) -> str:
     lin = getattr(lin, "down", None) or getattr(lin, "fc2", None)
     if isinstance(lin, PackedLinear):
         return lin.source
-    if isinstance(lin, Float16Linear):
-        return "float16"
+    if getattr(lin, "weight", None) is not None and lin.weight.dtype == torch.float16:
+        return "float16"  # Float16Linear, or a torch Linear rounded by store_ffn_weights_fp16 (a GPU run's cold rows)
     return "float32"
 
 
@@ -160,7 +160,7 @@ def dense_outside_ffn(model: nn.Module) -> nn.Module:
     (offload.packed_hot). A tied head shares the new table."""
     in_ffn = {id(m) for layer in model.layers for m in layer.mlp.modules()}
     if not isinstance(model.embed, Embedding):
-        model.embed = _dense_embedding(model.embed.dense_weight())
+        model.embed = embedding_for("float32", model.embed.dense_weight())
     for parent in list(model.modules()):
         if id(parent) in in_ffn:
             continue
@@ -178,12 +178,6 @@ def _dense_linear(stored: CpuLinear) -> Linear:
     if stored.bias is not None:
         lin.bias = nn.Parameter(stored.bias.detach().float().clone(), requires_grad=False)
     return lin
-
-
-def _dense_embedding(table: torch.Tensor) -> Embedding:
-    emb = Embedding(table.shape[0], table.shape[1], device="meta")
-    emb.weight = nn.Parameter(table.detach().float().contiguous(), requires_grad=False)
-    return emb
 
 
 def set_threads(model: nn.Module, threads: int) -> None:

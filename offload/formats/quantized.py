@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from offload.cpu.intdot import QuadGemv, quad_operand
-from offload.cpu.packed_gemv import KERNELS, kernel_scales
+from offload.cpu.packed_gemv import PackedGemv, kernel_scales
 from offload.formats import packed, quads
 from offload.formats.cpu import CpuLinear
 from offload.formats.packed import PackedMatrix
@@ -98,7 +98,9 @@ class PackedLinear(CpuLinear):
         parts = [for_activations(P, activations) for P in (packed if isinstance(packed, (list, tuple)) else [packed])]
         super().__init__(parts[0].cols, sum(P.rows for P in parts), bias, threads)
         self.parts, self.source = parts, source  # source: "gguf" (a file's blocks) or "int4" / "int8"
-        self._quad_gemv = [QuadGemv(P) if isinstance(P, QuadMatrix) else None for P in parts]
+        # many-token products: row quads take up to 4 tokens per pass over the codes; column planes decode
+        # each plane once for every token of a call
+        self._gemv = [QuadGemv(P) if isinstance(P, QuadMatrix) else PackedGemv(P) for P in parts]
         ops = tuple(operand_of(P) for P in parts)
         self.operand = ops[0] if len(ops) == 1 else ops
 
@@ -109,27 +111,15 @@ class PackedLinear(CpuLinear):
         x2 = np.ascontiguousarray(x.detach().reshape(-1, self.in_features).numpy())
         y = np.empty((x2.shape[0], self.out_features), np.float32)
         r0 = 0
-        for P, K in zip(self.parts, self._quad_gemv):
-            self._part_product(P, K, x2, y[:, r0:r0 + P.rows], tokens)
+        for P, K in zip(self.parts, self._gemv):
+            # TOKENS_PER_CALL tokens a call: bounded temporaries, and a call's tokens stay in cache while
+            # the codes stream
+            for t0 in range(0, tokens, TOKENS_PER_CALL):
+                y[t0:t0 + TOKENS_PER_CALL, r0:r0 + P.rows] = K(x2[t0:t0 + TOKENS_PER_CALL], threads=self.threads)
             r0 += P.rows
         if self._bias_np is not None:
             y += self._bias_np
         return torch.from_numpy(y).view(*x.shape[:-1], self.out_features)
-
-    def _part_product(self, P, K, x2: np.ndarray, y: np.ndarray, tokens: int) -> None:
-        """y = x2 · Pᵀ through the kernels, TOKENS_PER_CALL tokens at a time (bounded temporaries; the
-        tokens of one call stay in cache while the codes stream)."""
-        for t0 in range(0, tokens, TOKENS_PER_CALL):
-            x = x2[t0:t0 + TOKENS_PER_CALL]
-            out = np.empty((x.shape[0], P.rows), np.float32)
-            if K is not None:  # row quads: up to 4 tokens per pass over the codes
-                K(x, out, self.threads)
-            else:  # column planes: each plane decoded once, applied to every token
-                op = packed_operand(P)
-                _, batch = KERNELS[0]
-                batch(op.planes, op.d, op.m, op.sc, op.mc, op.flags, op.gmap, op.dmap, op.cols, op.zero, x, out,
-                      max(1, min(self.threads, op.planes.shape[0])))
-            y[t0:t0 + x.shape[0]] = out
 
     def dense_weight(self) -> torch.Tensor:
         """fp32 [out, in] (a copy: dequantized)."""
