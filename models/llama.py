@@ -160,6 +160,25 @@ def layer_home(layer: nn.Module) -> tuple[torch.device, torch.dtype]:
     return w.device, w.dtype
 
 
+class LlamaLayers(nn.ModuleList):
+    """The blocks, run in order: ``forward(x [b, t, d], rope, cache, start) → x`` after the last block.
+    Blocks may live on different devices and dtypes (offload.layer_split): x moves to each block's
+    home on the way, with RoPE tables made there. A ModuleList: parameter names stay ``layers.<i>.…``.
+    Decode transforms swap it for a subclass (offload.cpu.decode runs a CPU token's blocks in one call)."""
+
+    def forward(self, x: torch.Tensor, rope, cache: KVCache | None, start: int) -> torch.Tensor:
+        home = (x.device, x.dtype)
+        cos, sin = rope(start, x.shape[1], x.dtype, x.device)
+        for i, layer in enumerate(self):
+            w = layer.attn_norm.weight
+            if w.device != home[0] or w.dtype != home[1]:
+                x = x.to(w.device, w.dtype)
+                home = (w.device, w.dtype)
+                cos, sin = rope(start, x.shape[1], x.dtype, x.device)
+            x = layer(x, cos, sin, cache, i, start)
+        return x
+
+
 class LlamaModel(DecoderLM):
     """The dense decoder. ``forward(ids [b, t], cache, start) → logits [b, t, V]``."""
 
@@ -168,6 +187,7 @@ class LlamaModel(DecoderLM):
                          RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
         self.rope = RopeCache(*rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
                                              cfg.max_position_embeddings))
+        self.layers = LlamaLayers(self.layers)
 
     def block_sources(self, p: str, m: str) -> dict[str, tuple[str, ...]]:
         c = self.config
@@ -187,18 +207,9 @@ class LlamaModel(DecoderLM):
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """Final-norm hidden states [b, t, d]. Layers may live on different devices and dtypes
         (offload.layer_split): x moves to each layer's home on the way."""
-        x = self.embed(ids).to(self.dtype)
-        home = (x.device, x.dtype)
-        cos, sin = self.rope(start, ids.shape[1], x.dtype, x.device)
-        for i, layer in enumerate(self.layers):
-            w = layer.attn_norm.weight
-            if w.device != home[0] or w.dtype != home[1]:
-                x = x.to(w.device, w.dtype)
-                home = (w.device, w.dtype)
-                cos, sin = self.rope(start, ids.shape[1], x.dtype, x.device)
-            x = layer(x, cos, sin, cache, i, start)
+        x = self.layers(self.embed(ids).to(self.dtype), self.rope, cache, start)
         w = self.norm.weight
-        return self.norm(x if (w.device, w.dtype) == home else x.to(w.device, w.dtype))
+        return self.norm(x if (w.device, w.dtype) == (x.device, x.dtype) else x.to(w.device, w.dtype))
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0,
                 last_only: bool = False) -> torch.Tensor:

@@ -205,15 +205,34 @@ class HybridFFN(FFNModule):
         (with ``norm_w``: the norm before and the residual after too)."""
         t0 = time.perf_counter()
         out, count, bad = _fused_kernel()(x.detach().numpy().reshape(1, self.d), norm_w, eps, *self._fused)
-        st = self.stats
-        st.cold_seconds += time.perf_counter() - t0
+        self.stats.cold_seconds += time.perf_counter() - t0
+        self.record_cold_step(count, bad)
+        y = torch.from_numpy(out).view(x.shape)
+        return y if self.out_bias is None else y + self.out_bias
+
+    def step_half(self, norm: nn.Module):
+        """This layer's FFN half for offload.cpu.step.decode_layers (the all-cold path of
+        :meth:`residual` with its norm), or None where that path does not apply."""
+        if (self._fused is None or self.out_bias is not None or not isinstance(norm, RMSNorm)
+                or norm.weight.dtype != torch.float32 or norm.weight.device.type != "cpu"):
+            return None
+        got = self.__dict__.get("_step_half")
+        if got is None or got[0] is not norm:
+            from offload.cpu.step import ColdFFNHalf
+
+            got = self.__dict__["_step_half"] = (norm, ColdFFNHalf(norm.weight.detach().numpy(), norm.eps,
+                                                                   *self._fused))
+        return got[1]
+
+    def record_cold_step(self, count: int, bad: int) -> None:
+        """Count one all-cold decode call that computed ``count`` neurons (``bad`` indices out of range:
+        IndexError). A whole-step call (offload.cpu.step) leaves ``stats.cold_seconds`` as it is."""
         if bad:
             raise IndexError(f"{bad} neuron indices out of range [0, {self.n_cold})")
+        st = self.stats
         st.decode_calls += 1
         st.active_cold += count
         st.bytes_cold += count * self.cold_bytes_per_neuron
-        y = torch.from_numpy(out).view(x.shape)
-        return y if self.out_bias is None else y + self.out_bias
 
     # -- the two sides -------------------------------------------------------------------------------
     def _act(self, g: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:

@@ -75,6 +75,33 @@ def test_zero_budget_on_the_cpu_leaves_every_neuron_cold(tiny_prepared):
             0, device=torch.device("cuda"), context=64, prepared=prep, progress=False)
 
 
+def test_all_cold_cpu_decode_in_one_call_per_step(tiny_prepared):
+    """A fused CPU model offloaded with every neuron cold decodes each token through all blocks in one
+    numba call (offload.cpu.step): the same logits and the same hybrid statistics as block by block."""
+    from offload.cpu.decode import FusedLlamaLayers, fuse_decode_blocks
+    from offload.formats import apply_weight_format
+    from offload.models.llama import LlamaLayers
+
+    from helpers import greedy_logits
+
+    ckpt, prep = tiny_prepared
+    runs = {}
+    for one_call in (True, False):
+        net = fuse_decode_blocks(apply_weight_format(build_model(ckpt, progress=False), "float16", 2))
+        m = OffloadedModel(net, None, ckpt, device=torch.device("cpu"))
+        m.offload(0, device=torch.device("cpu"), context=64, prepared=prep, progress=False)
+        assert all(layer.mlp.step_half(layer.ffn_norm) is not None for layer in m.model.layers)
+        if not one_call:
+            m.model.layers = LlamaLayers(list(m.model.layers))
+        assert isinstance(m.model.layers, FusedLlamaLayers) == one_call
+        runs[one_call] = (greedy_logits(m.model, rand_ids(6, 9)[None], 4), m.hybrid_stats)
+        m.model.hybrid_worker.close()
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-5)
+    fields = ("decode_calls", "active_cold", "bytes_cold", "active_hot")
+    assert [getattr(runs[True][1], f) for f in fields] == [getattr(runs[False][1], f) for f in fields]
+    assert runs[True][1].decode_calls > 0 and runs[True][1].active_cold > 0
+
+
 def test_offload_budget_below_fixed_part_is_refused(tiny_prepared):
     ckpt, prep = tiny_prepared
     m = OffloadedModel(build_model(ckpt, progress=False), None, ckpt, device=torch.device("cpu"))

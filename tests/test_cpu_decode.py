@@ -34,12 +34,18 @@ def test_rms_norm_row_matches_rmsnorm(d):
     torch.testing.assert_close(torch.from_numpy(out), norm(x[None, None])[0, 0].detach(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("h,kvh,hd", [(4, 2, 16), (9, 3, 64), (4, 4, 8)])
-def test_attend_one_matches_rope_and_cached_attention(h, kvh, hd):
-    """Decode steps at positions 0..10 after a 0-token start: output and cache contents equal torch's
-    apply_rope + cached_attention (SDPA) at every step."""
+@pytest.mark.parametrize("h,kvh,hd,steps,threads", [(4, 2, 16, 11, 1), (9, 3, 64, 11, 1), (4, 4, 8, 11, 1),
+                                                     (9, 3, 64, 70, 2), (4, 2, 32, 300, 2)])
+def test_attend_one_matches_rope_and_cached_attention(h, kvh, hd, steps, threads):
+    """Decode steps at positions 0..steps-1 after a 0-token start: output and cache contents equal torch's
+    apply_rope + cached_attention (SDPA) at every step. threads=2: from the position where the cache read
+    is long enough (offload.cpu.matvec.MIN_BYTES_PER_THREAD per part) the heads split over the pool."""
+    from offload.cpu.matvec import MIN_BYTES_PER_THREAD
+
+    if threads > 1:  # the split happens within the steps tested
+        assert 2 * h * steps * hd * 4 // MIN_BYTES_PER_THREAD >= 2
     g = torch.Generator().manual_seed(h * hd)
-    steps, max_len = 11, 16
+    max_len = steps + 5
     cos_t, sin_t = rope_tables(*rope_inv_freq(hd, 10000.0, None, max_len), max_len)
     ref = KVCache.allocate(1, 1, kvh, max_len, hd, torch.float32)
     ours = KVCache.allocate(1, 1, kvh, max_len, hd, torch.float32)
@@ -51,7 +57,7 @@ def test_attend_one_matches_rope_and_cached_attention(h, kvh, hd):
         expected = cached_attention(qk[:, :h], qk[:, h:], heads[:, h + kvh:], ref, 0, pos)
         out = np.empty(h * hd, np.float32)
         attend_one(qkv.numpy(), cos[0].numpy(), sin[0].numpy(), ours.k[0, 0].numpy(), ours.v[0, 0].numpy(),
-                   pos, h, kvh, out)
+                   pos, h, kvh, out, threads)
         torch.testing.assert_close(torch.from_numpy(out), expected.transpose(1, 2).reshape(-1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours.k, ref.k, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ours.v, ref.v, rtol=0, atol=0)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from offload.cpu.matvec import matvec
+from offload.cpu.matvec import MIN_BYTES_PER_THREAD, matvec
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -33,17 +33,11 @@ def rms_norm_row(x, w, eps, out):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def attend_one(qkv, cos, sin, kc, vc, pos, h, kvh, out):
-    """Attention of one new token at position ``pos`` over positions 0..pos.
-
-    qkv  float32 [(h + 2·kvh)·hd]  the token's q heads, then k heads, then v heads (not yet rotated)
-    cos, sin float32 [hd]           RoPE tables at ``pos`` (half-rotation layout, as HF LLaMA)
-    kc, vc float32 [kvh, max_len, hd]  this layer's cache; k (rotated) and v are written at ``pos``
-    out  float32 [h·hd]             softmax(q·kᵀ/√hd)·v per head, heads concatenated
-    """
+def rope_and_store(qkv, cos, sin, kc, vc, pos, h, kvh, q):
+    """q [h, hd] = the token's query heads, rotated; k heads (rotated) and v heads written to the cache at
+    ``pos``. Arguments as :func:`attend_one`."""
     hd = kc.shape[2]
     half = hd // 2
-    q = np.empty((h, hd), np.float32)
     for head in range(h + kvh):  # RoPE: x·cos + rotate_half(x)·sin, rotate_half(x) = [-x2, x1]
         base = head * hd
         for j in range(half):
@@ -59,11 +53,16 @@ def attend_one(qkv, cos, sin, kc, vc, pos, h, kvh, out):
     for g in range(kvh):
         for j in range(hd):
             vc[g, pos, j] = qkv[vbase + g * hd + j]
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def attend_heads(q, kc, vc, n, h, kvh, lo, hi, out):
+    """out[head·hd : (head + 1)·hd] = softmax(q[head]·kᵀ/√hd)·v over positions 0..n-1, heads lo..hi-1."""
+    hd = kc.shape[2]
     scale = np.float32(1.0 / math.sqrt(hd))
-    n = pos + 1
     p = np.empty(n, np.float32)
     group = h // kvh
-    for head in range(h):
+    for head in range(lo, hi):
         g = head // group
         m = -np.inf
         for t in range(n):
@@ -87,6 +86,35 @@ def attend_one(qkv, cos, sin, kc, vc, pos, h, kvh, out):
                 o[j] += pt * vc[g, t, j]
 
 
+@njit(nogil=True, fastmath=True, cache=True, parallel=True)
+def attend_heads_parallel(q, kc, vc, n, h, kvh, parts, out):
+    """attend_heads over ``parts`` contiguous ranges of heads, one prange region."""
+    for i in prange(parts):
+        attend_heads(q, kc, vc, n, h, kvh, h * i // parts, h * (i + 1) // parts, out)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def attend_one(qkv, cos, sin, kc, vc, pos, h, kvh, out, threads=1):
+    """Attention of one new token at position ``pos`` over positions 0..pos.
+
+    qkv  float32 [(h + 2·kvh)·hd]  the token's q heads, then k heads, then v heads (not yet rotated)
+    cos, sin float32 [hd]           RoPE tables at ``pos`` (half-rotation layout, as HF LLaMA)
+    kc, vc float32 [kvh, max_len, hd]  this layer's cache; k (rotated) and v are written at ``pos``
+    out  float32 [h·hd]             softmax(q·kᵀ/√hd)·v per head, heads concatenated
+    threads: heads split over the pool when the cache they read is long enough to pay for a parallel
+    region (MIN_BYTES_PER_THREAD per part, as offload.cpu.matvec)
+    """
+    hd = kc.shape[2]
+    q = np.empty((h, hd), np.float32)
+    rope_and_store(qkv, cos, sin, kc, vc, pos, h, kvh, q)
+    n = pos + 1
+    parts = max(1, min(threads, h, 2 * h * n * hd * 4 // MIN_BYTES_PER_THREAD))  # K and V rows read per head
+    if parts > 1:
+        attend_heads_parallel(q, kc, vc, n, h, kvh, parts, out)
+    else:
+        attend_heads(q, kc, vc, n, h, kvh, 0, h, out)
+
+
 @njit(nogil=True, fastmath=True, cache=True)
 def attention_block(x, norm_w, eps, Wqkv, bqkv, cos, sin, kc, vc, pos, h, kvh, Wo, bo, threads, out):
     """out = x + Wo · attend(RoPE(Wqkv · rms_norm(x) + bqkv)) + bo for one token: the attention half of a
@@ -103,7 +131,7 @@ def attention_block(x, norm_w, eps, Wqkv, bqkv, cos, sin, kc, vc, pos, h, kvh, W
     if bqkv.shape[0]:
         qkv += bqkv
     a = np.empty(h * kc.shape[2], np.float32)
-    attend_one(qkv, cos, sin, kc, vc, pos, h, kvh, a)
+    attend_one(qkv, cos, sin, kc, vc, pos, h, kvh, a, threads)
     y = np.empty(d, np.float32)
     matvec(Wo, a, y, threads)
     for j in range(d):

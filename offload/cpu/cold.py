@@ -73,6 +73,7 @@ import numpy as np
 from offload.cpu import cold_kernels
 from offload.cpu.pool import default_threads
 from offload.cpu.team import team
+from offload.formats.arena import weight_array
 from offload.models.ffn_kind import FFNKind
 
 # the sparse call is split over threads only when each gets at least this many bytes of rows
@@ -127,7 +128,7 @@ class ColdFFN:
             m = 3
         if np.dtype(dtype) not in (np.float32, np.float16):
             raise ValueError(f"dtype must be float32 or float16, got {np.dtype(dtype)}")
-        W = np.empty((n, m, d), dtype=dtype)
+        W = weight_array((n, m, d), dtype)  # huge pages: the kernels stream it faster
         W[:, 0] = gate
         if m == 3:
             W[:, 1] = up

@@ -60,6 +60,7 @@ from offload.cpu.lowbit_ir import (BLK, CACHE, GROUP, I4_BYTES, I8_BYTES, i4_gem
 from offload.cpu.shadow_layout import (as_numpy, block_biases, check_int4, pack_int4_blocks, pack_int8_blocks,
                                        pad_rows)
 from offload.cpu.team import team
+from offload.formats.arena import in_huge_pages
 from offload.models.ffn_kind import FFNKind
 
 __all__ = ["GROUP", "Int4Matrix", "Int4Shadow", "Int8Shadow", "int4_gemv", "shadow_from_predictor",
@@ -290,8 +291,7 @@ class Int4Shadow:
         rows_s = np.stack([pad(sg, 0).reshape(nbp, BLK, -1), pad(su, 0).reshape(nbp, BLK, -1)], 1)
         W = pack_int4_blocks(rows_q.reshape(2 * n_pad, -1), rows_s.reshape(2 * n_pad, -1))
         # [pair, group, gate|up, 144]: one sequential stream per call
-        self.W = np.ascontiguousarray(W.reshape(nbp, 2, G, I4_BYTES).transpose(0, 2, 1, 3)).reshape(
-            nbp, G, 2 * I4_BYTES)
+        self.W = in_huge_pages(W.reshape(nbp, 2, G, I4_BYTES).transpose(0, 2, 1, 3).reshape(nbp, G, 2 * I4_BYTES))
         self.B = block_biases(n, n_pad, gate_bias, up_bias)
         self.blocks = nbp
 
@@ -347,8 +347,7 @@ class Int8Shadow:
         rows_s = np.stack([pad_rows(sg.reshape(-1).astype(np.float32), n_pad, 0).reshape(nbp, BLK),
                            pad_rows(su.reshape(-1).astype(np.float32), n_pad, 0).reshape(nbp, BLK)], 1)
         W = pack_int8_blocks(rows_q.reshape(2 * n_pad, width), G)
-        self.W = np.ascontiguousarray(W.reshape(nbp, 2, G, I8_BYTES).transpose(0, 2, 1, 3)).reshape(
-            nbp, G, 2 * I8_BYTES)
+        self.W = in_huge_pages(W.reshape(nbp, 2, G, I8_BYTES).transpose(0, 2, 1, 3).reshape(nbp, G, 2 * I8_BYTES))
         self.S = np.ascontiguousarray(rows_s.reshape(2 * nbp, BLK))
         self.B = block_biases(n, n_pad, gate_bias, up_bias)
         self.blocks = nbp

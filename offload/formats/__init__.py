@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from offload.formats.arena import tensor_in_huge_pages
 from offload.formats.cpu import CpuLinear, Float16Linear, Float32Linear
 from offload.formats.packed import pack_gguf, quantize, stack_rows
 from offload.formats.quantized import ACTIVATIONS, FileEmbedding, PackedEmbedding, PackedLinear, check_activations
@@ -95,7 +96,8 @@ def embedding_for(weights: str, dense: torch.Tensor | None, raw=None, tied: bool
     table = Embedding(dense.shape[0], dense.shape[1], device="meta")
     dtype = torch.float32 if weights == "float32" or (weights == "auto" and dense.dtype == torch.float32) \
         else torch.float16
-    table.weight = nn.Parameter(dense.detach().to("cpu", dtype), requires_grad=False)
+    # in huge pages: a tied head (tied_head) streams this same storage
+    table.weight = nn.Parameter(tensor_in_huge_pages(dense, dtype), requires_grad=False)
     return table
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from offload.cpu.matvec import matvec_into
 from offload.cpu.pool import start_pool
+from offload.formats.arena import tensor_in_huge_pages
 
 
 class CpuLinear(nn.Module):
@@ -67,7 +68,9 @@ class Float32Linear(CpuLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, threads: int = 1):
         out_features, in_features = weight.shape
         super().__init__(in_features, out_features, bias, threads)
-        self.register_buffer("weight", weight.detach().to("cpu", torch.float32).contiguous())
+        # in huge pages (offload.formats.arena): measured on SmolLM2-shaped matrices, Intel Xeon VM, 2 threads,
+        # fp32 3072×576 20.6 → 26.5 GB/s and fp16 576×1536 19.2 → 24.9 GB/s against 4 KB pages
+        self.register_buffer("weight", tensor_in_huge_pages(weight, torch.float32))
         self.operand = self.weight.numpy()
 
     def dense_weight(self) -> torch.Tensor:
@@ -84,7 +87,7 @@ class Float16Linear(CpuLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, threads: int = 1):
         out_features, in_features = weight.shape
         super().__init__(in_features, out_features, bias, threads)
-        self.register_buffer("weight", weight.detach().to("cpu", torch.float16).contiguous())
+        self.register_buffer("weight", tensor_in_huge_pages(weight, torch.float16))  # as Float32Linear
         self.operand = self.weight.numpy().view(np.uint16)
 
     def dense_weight(self) -> torch.Tensor:
@@ -93,3 +96,4 @@ class Float16Linear(CpuLinear):
     @property
     def nbytes(self) -> int:
         return self.weight.numel() * 2
+
