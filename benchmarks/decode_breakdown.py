@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
     ids = m.chat_ids(PROMPT)
     # functions are patched where they are looked up (the module that calls them)
-    targets = [(decode, "decode_layers", "numba decode_layers: a step's blocks in one call (CPU formats)"),
+    targets = [(decode, "decode_layer", "numba decode_layer: one block in one call (CPU formats)"),
                (decode, "attention_block", "numba attention_block: norm, qkv, attention, o, residual"),
                (decode, "gated_ffn_block", "numba gated_ffn_block: norm, gate/up, act, down, residual"),
                (cold_step, "shadow_topk_cold", "numba shadow_topk_cold: norm, int4 scores, top-k, cold kernel, residual"),

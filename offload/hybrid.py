@@ -211,7 +211,7 @@ class HybridFFN(FFNModule):
         return y if self.out_bias is None else y + self.out_bias
 
     def step_half(self, norm: nn.Module):
-        """This layer's FFN half for offload.cpu.step.decode_layers (the all-cold path of
+        """This layer's FFN half for offload.cpu.step.decode_layer (the all-cold path of
         :meth:`residual` with its norm), or None where that path does not apply."""
         if (self._fused is None or self.out_bias is not None or not isinstance(norm, RMSNorm)
                 or norm.weight.dtype != torch.float32 or norm.weight.device.type != "cpu"):

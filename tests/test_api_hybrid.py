@@ -75,9 +75,10 @@ def test_zero_budget_on_the_cpu_leaves_every_neuron_cold(tiny_prepared):
             0, device=torch.device("cuda"), context=64, prepared=prep, progress=False)
 
 
-def test_all_cold_cpu_decode_in_one_call_per_step(tiny_prepared):
-    """A fused CPU model offloaded with every neuron cold decodes each token through all blocks in one
-    numba call (offload.cpu.step): the same logits and the same hybrid statistics as block by block."""
+def test_all_cold_cpu_decode_through_block_calls(tiny_prepared):
+    """A fused CPU model offloaded with every neuron cold decodes each block of a token in one numba call
+    over prepared arguments (offload.cpu.step): the same logits and the same hybrid statistics as the
+    torch-module path (LlamaLayers, HybridFFN.residual)."""
     from offload.cpu.decode import FusedLlamaLayers, fuse_decode_blocks
     from offload.formats import apply_weight_format
     from offload.models.llama import LlamaLayers

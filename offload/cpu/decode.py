@@ -10,21 +10,20 @@ offload.cpu.ffn_block.gated_ffn_block, otherwise the torch path (prompts, other 
 Why: at batch 1 a SmolLM2 layer is ~15 small ops; in Python each costs 5-40 µs of dispatch around a few
 µs of work. One call per half measured 51 → 63 tok/s on SmolLM2 (fp16 weights, 2 threads).
 
-:class:`FusedLlamaLayers` goes one step further: for one CPU token every block's halves run in a single
-numba call (offload.cpu.step), with no Python between blocks at all.
+:class:`FusedLlamaLayers` goes one step further: for one CPU token each block runs in one numba call
+(offload.cpu.step) over arguments prepared once, with no torch or module plumbing between blocks.
 """
 from __future__ import annotations
 
 import weakref
 
-import numba
 import numpy as np
 import torch
 from torch import nn
 
 from offload.cpu.attention import attention_block
 from offload.cpu.ffn_block import gated_ffn_block
-from offload.cpu.step import AttentionHalf, DenseFFNHalf, decode_layers
+from offload.cpu.step import AttentionHalf, DenseFFNHalf, decode_layer
 from offload.formats.cpu import CpuLinear
 from offload.models.llama import Attention, GatedFFN, LlamaLayers, LlamaModel
 
@@ -62,7 +61,7 @@ class FusedAttention(Attention):
         return torch.from_numpy(out).view(x.shape)
 
     def step_half(self, norm, cache, layer: int):
-        """This block's attention half for offload.cpu.step.decode_layers, or None where the fused path
+        """This block's attention half for offload.cpu.step.decode_layer, or None where the fused path
         does not apply (remembered while the kernel arguments and the cache views stay the same)."""
         args = self._fused_args(norm)
         kv = _kv_views(self, cache, layer) if args is not None else None
@@ -130,7 +129,7 @@ class FusedGatedFFN(GatedFFN):
         return torch.from_numpy(out).view(x.shape)
 
     def step_half(self, norm):
-        """This FFN half for offload.cpu.step.decode_layers, or None where the fused path does not apply."""
+        """This FFN half for offload.cpu.step.decode_layer, or None where the fused path does not apply."""
         args = self._fused_args(norm)
         if args is None:
             return None
@@ -154,34 +153,29 @@ class FusedGatedFFN(GatedFFN):
 
 
 class FusedLlamaLayers(LlamaLayers):
-    """LlamaLayers that run one fp32 CPU decode token through every block in one numba call
-    (offload.cpu.step.decode_layers) when every block offers its halves (``step_half``: FusedAttention,
-    FusedGatedFFN, an all-cold HybridFFN); otherwise block by block, as LlamaLayers."""
+    """LlamaLayers that run one fp32 CPU decode token block by block through offload.cpu.step.decode_layer
+    (one numba call a block, its arguments prepared once, no torch in between) when every block offers
+    its halves (``step_half``: FusedAttention, FusedGatedFFN, an all-cold HybridFFN); otherwise as
+    LlamaLayers."""
 
     def forward(self, x, rope, cache, start):
         plan = self._step_plan(cache) if cache is not None and one_cpu_token(x) else None
         if plan is None:
             return super().forward(x, rope, cache, start)
         cos, sin = rope(start, 1, x.dtype, x.device)
-        counts, bad = np.empty(len(self), np.int64), np.empty(len(self), np.int64)
+        counts, bad = np.empty(len(plan), np.int64), np.empty(len(plan), np.int64)
         h = x.detach().numpy().reshape(-1).copy()
         cos, sin = cos[0].numpy(), sin[0].numpy()
-        for layers, lo, hi in plan:
-            decode_layers(h, cos, sin, start, layers, lo, hi, counts, bad)
+        for i, layer in enumerate(plan):
+            decode_layer(h, cos, sin, start, layer, i, counts, bad)
         for i in np.flatnonzero(counts >= 0):  # hybrid layers count the neurons they computed
             self[int(i)].mlp.record_cold_step(int(counts[i]), int(bad[i]))
         return torch.from_numpy(h).view(x.shape)
 
-    def __getstate__(self):  # copies and pickles leave the remembered plan out (numba lists do not copy)
-        state = self.__dict__.copy()
-        state.pop("_plan", None)
-        return state
-
     def _step_plan(self, cache):
-        """The decode_layers calls of one step: [(halves, lo, hi)], one per run of consecutive blocks of one
-        numba type (halves: the run's (attention half, FFN half) pairs; lo, hi: its blocks), or None when a
-        block has no fused path. Remembered while every block's halves stay the same objects."""
-        halves = []
+        """[(attention half, FFN half)] per block for decode_layer, or None when a block has no fused path.
+        The halves are remembered by their modules while their arguments stay the same."""
+        plan = []
         for i, layer in enumerate(self):
             m = layer._modules
             attn, mlp = m["attn"], m["mlp"]
@@ -191,34 +185,8 @@ class FusedLlamaLayers(LlamaLayers):
             f = mlp.step_half(m["ffn_norm"]) if a is not None else None
             if f is None:
                 return None
-            halves.append((a, f))
-        got = self.__dict__.get("_plan")
-        if got is None or len(got[0]) != len(halves) or any(
-                p[0] is not q[0] or p[1] is not q[1] for p, q in zip(got[0], halves)):
-            got = self.__dict__["_plan"] = (halves, _runs(halves))
-        return got[1]
-
-
-def _runs(halves: list) -> list:
-    """[(pairs, lo, hi)] per run of consecutive blocks of one numba type. ``pairs`` (a numba typed List) has
-    one entry per block of the model, all of the run's type: that type's own pair where a block has it,
-    its first pair elsewhere (never run), so numba compiles decode_layers once per type whatever the runs."""
-    types_ = [numba.typeof(h) for h in halves]
-    by_type = {}
-    for t, h in zip(types_, halves):
-        by_type.setdefault(t, h)
-    filled = {}
-    for t, first in by_type.items():  # a typed List: an argument of one small type (a tuple of 30 layers'
-        lst = numba.typed.List.empty_list(t)  # structs took LLVM minutes to compile)
-        for ht, h in zip(types_, halves):
-            lst.append(h if ht == t else first)
-        filled[t] = lst
-    runs, lo = [], 0
-    for i in range(1, len(halves) + 1):
-        if i == len(halves) or types_[i] != types_[lo]:
-            runs.append((filled[types_[lo]], lo, i))
-            lo = i
-    return runs
+            plan.append((a, f))
+        return plan
 
 
 def fuse_decode_blocks(model: nn.Module) -> nn.Module:

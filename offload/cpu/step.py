@@ -1,24 +1,23 @@
-"""Every block of a LLaMA-family model for one decode token in one numba call.
+"""One block of a LLaMA-family model for one decode token in one numba call, its arguments prepared once.
 
-Why: with each half of a block in its own numba call (offload.cpu.attention.attention_block,
-offload.cpu.ffn_block.gated_ffn_block), a SmolLM2 token still spent ~6 ms of an 18 ms step in the
-Python between the 60 calls: each kernel streams megabytes of weights through the caches, and the
-interpreter, torch and numba's dispatcher then run from DRAM. Measured on SmolLM2 fp16, 2 threads (Intel
-Xeon VM): the same kernels called from a bare NumPy loop took 12.1 ms a step, from the model 18.2 ms.
+Why: with each half of a block in its own call made from the model's modules (offload.cpu.decode's
+FusedAttention / FusedGatedFFN residuals), a SmolLM2 fp16 token spent ~6 ms of an 18 ms step in the
+Python around the 60 calls: torch and module plumbing between kernels that stream megabytes through
+the caches, so that Python runs from DRAM. The same kernels called from a bare loop over prepared
+arguments took 12.1 ms (Intel Xeon VM, 2 threads). offload.cpu.decode.FusedLlamaLayers is that loop:
 
-    decode_layers(x, cos, sin, pos, layers, lo, hi, counts, bad)   # x: in, then out
+    decode_layer(x, cos, sin, pos, layer, i, counts, bad)   # x: in, then out
 
-x float32 [d] (overwritten: the token after block ``hi - 1``); cos, sin float32 [hd] at position
-``pos``; ``layers`` a numba typed List of ``(AttentionHalf, FFN half)`` pairs of one numba type, blocks
-``layers[lo:hi]`` run in order. The FFN half is a :class:`DenseFFNHalf` (offload.cpu.ffn_block) or a
-:class:`ColdFFNHalf` (the all-cold hybrid layer of offload.cpu.cold_step); for a cold half, ``counts[i]``
-gets the neurons computed and ``bad[i]`` the out-of-range indices (dense halves: -1 and 0).
+x float32 [d] (overwritten: the token after this block); cos, sin float32 [hd] at position ``pos``;
+``layer`` an ``(AttentionHalf, FFN half)`` pair. The FFN half is a :class:`DenseFFNHalf`
+(offload.cpu.ffn_block) or a :class:`ColdFFNHalf` (the all-cold hybrid layer of offload.cpu.cold_step);
+for a cold half, ``counts[i]`` gets the neurons computed and ``bad[i]`` the out-of-range indices (dense
+halves: -1 and 0). numba compiles once per pair type (a Q4_K_M file's blocks have a few).
 
-Blocks of different storage formats (a Q4_K_M file mixes Q4_K and Q6_K) have different types. The caller
-(offload.cpu.decode.FusedLlamaLayers) passes one list per type and calls once per run of consecutive
-blocks of one type: numba compiles once per type. Why a typed List: a tuple of 30 blocks' argument
-structs compiled for ~2 minutes (SmolLM2 Q4_1, row quads; a list of the same: seconds), and a single
-heterogeneous tuple under ``literal_unroll`` for over 12 minutes and 6 GB.
+Why not every block in one call: a tuple of 30 blocks' argument structs took LLVM ~2 minutes to compile
+(SmolLM2 Q4_1, row quads), ``literal_unroll`` over it over 12 minutes and 6 GB, and a numba typed List
+of them compiles the list's methods in every process (+66 MB peak memory, which a 0.5B model's memory
+budget does not have). One call per block measured within noise of one call per step.
 """
 from __future__ import annotations
 
@@ -72,12 +71,10 @@ def _ffn_half_impl(half, x, out):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def decode_layers(x, cos, sin, pos, layers, lo, hi, counts, bad):
-    """See the module docstring; runs blocks ``layers[lo:hi]``, x updated in place."""
+def decode_layer(x, cos, sin, pos, layer, i, counts, bad):
+    """See the module docstring."""
     a = np.empty_like(x)
-    for i in range(lo, hi):
-        layer = layers[i]
-        at = layer[0]
-        attention_block(x, at.norm_w, at.eps, at.qkv, at.bqkv, cos, sin, at.k, at.v, pos, at.h, at.kvh, at.o,
-                        at.bo, at.threads, a)
-        counts[i], bad[i] = ffn_half(layer[1], a, x)
+    at = layer[0]
+    attention_block(x, at.norm_w, at.eps, at.qkv, at.bqkv, cos, sin, at.k, at.v, pos, at.h, at.kvh, at.o,
+                    at.bo, at.threads, a)
+    counts[i], bad[i] = ffn_half(layer[1], a, x)
