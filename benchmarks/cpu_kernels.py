@@ -51,7 +51,7 @@ from offload.cpu import gemv as dense
 from offload.cpu.intdot import quad_operand
 from offload.cpu.matvec import matvec
 from offload.cpu.widen import as_f32
-from offload.formats.arena import weight_array
+from offload.formats.arena import in_huge_pages
 from offload.formats.gguf_blocks import random_rows
 from offload.formats.packed import pack_gguf
 from offload.formats.quads import quads_from_gguf
@@ -258,7 +258,7 @@ def gemv_case(name: str, shape: str) -> Case:
     def setup(rng, copies):
         if name in ("fp32", "fp16"):
             W = dense.as_weight_array(rng.standard_normal((R, C)).astype(np.float32 if name == "fp32" else np.float16))
-            plains = [huge_copy(W) for _ in range(copies)]  # as the engine stores them (offload.formats.arena)
+            plains = [in_huge_pages(W) for _ in range(copies)]  # copies in huge pages, as the engine stores them
             ops, kernel_bytes = plains, W.nbytes
         elif name.endswith(INT8_X):  # row quads, x rounded to int8: offload.cpu.intdot
             raw = random_rows(QT[qtype], R, C, rng)
@@ -279,13 +279,6 @@ def gemv_case(name: str, shape: str) -> Case:
                 plain=lambda s, th: [run_plain(qtype, A, s["x"], s["y"], th) for A in s["plains"]])
 
 
-def huge_copy(a: np.ndarray) -> np.ndarray:
-    """A copy of ``a`` in huge-page memory, where the engine keeps fp32/fp16 matrices and cold bundles."""
-    out = weight_array(a.shape, a.dtype)
-    out[...] = a
-    return out
-
-
 def cold_case(name: str, shape: str) -> Case:
     """The cold FFN kernel (offload.cpu.cold_kernels: cold_chunk on one thread, cold_parallel on
     more) over half of the neurons, fp32 or fp16 bundles, one token, against plain_cold."""
@@ -295,7 +288,7 @@ def cold_case(name: str, shape: str) -> Case:
     def setup(rng, copies):
         dtype = np.float32 if name == "cold.fp32" else np.float16
         W = dense.as_weight_array((rng.standard_normal((n, 3, d)) * d ** -0.5).astype(dtype))
-        Ws = [huge_copy(W) for _ in range(copies)]  # as offload.cpu.cold stores its bundle
+        Ws = [in_huge_pages(W) for _ in range(copies)]  # copies in huge pages, as offload.cpu.cold stores them
         idx = np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
         nb = k * 3 * d * W.itemsize
         return dict(Ws=Ws, idx=idx, x=rng.standard_normal((1, d)).astype(np.float32), y=np.zeros(d, np.float32),

@@ -164,7 +164,8 @@ class LlamaLayers(nn.ModuleList):
     """The blocks, run in order: ``forward(x [b, t, d], rope, cache, start) → x`` after the last block.
     Blocks may live on different devices and dtypes (offload.layer_split): x moves to each block's
     home on the way, with RoPE tables made there. A ModuleList: parameter names stay ``layers.<i>.…``.
-    Decode transforms swap it for a subclass (offload.cpu.decode runs a CPU token's blocks in one call)."""
+    Decode transforms swap it for a subclass (offload.cpu.decode runs each block of a CPU token in one
+    call)."""
 
     def forward(self, x: torch.Tensor, rope, cache: KVCache | None, start: int) -> torch.Tensor:
         home = (x.device, x.dtype)

@@ -216,17 +216,13 @@ class HybridFFN(FFNModule):
         if (self._fused is None or self.out_bias is not None or not isinstance(norm, RMSNorm)
                 or norm.weight.dtype != torch.float32 or norm.weight.device.type != "cpu"):
             return None
-        got = self.__dict__.get("_step_half")
-        if got is None or got[0] is not norm:
-            from offload.cpu.step import ColdFFNHalf
+        from offload.cpu.step import ColdFFNHalf
 
-            got = self.__dict__["_step_half"] = (norm, ColdFFNHalf(norm.weight.detach().numpy(), norm.eps,
-                                                                   *self._fused))
-        return got[1]
+        return ColdFFNHalf(norm.weight.detach().numpy(), norm.eps, *self._fused)
 
     def record_cold_step(self, count: int, bad: int) -> None:
         """Count one all-cold decode call that computed ``count`` neurons (``bad`` indices out of range:
-        IndexError). A whole-step call (offload.cpu.step) leaves ``stats.cold_seconds`` as it is."""
+        IndexError). A block call (offload.cpu.step) leaves ``stats.cold_seconds`` as it is."""
         if bad:
             raise IndexError(f"{bad} neuron indices out of range [0, {self.n_cold})")
         st = self.stats

@@ -72,7 +72,7 @@ def hybrid_summary(h, new_tokens: int) -> str | None:
     if h is None or not h.decode_calls:
         return None
     steps = max(new_tokens - 1, 1)
-    # CPU-only decode runs every block in one call (offload.cpu.step): no per-layer cold time to report
+    # CPU-only decode runs each block in one call (offload.cpu.step): no cold time of its own to report
     cpu_time = (f" | CPU time/token {1e3 * h.cold_seconds / steps:.2f} ms, of which waited "
                 f"{1e3 * h.cold_wait_seconds / steps:.2f} ms") if h.cold_seconds else ""
     return (f"hybrid: GPU share of active neurons {h.gpu_share:.1%} | FFN bytes/token: device "

@@ -61,18 +61,14 @@ class FusedAttention(Attention):
         return torch.from_numpy(out).view(x.shape)
 
     def step_half(self, norm, cache, layer: int):
-        """This block's attention half for offload.cpu.step.decode_layer, or None where the fused path
-        does not apply (remembered while the kernel arguments and the cache views stay the same)."""
+        """This block's attention half for offload.cpu.step.decode_layer (the remembered kernel arguments
+        and cache views), or None where the fused path does not apply."""
         args = self._fused_args(norm)
         kv = _kv_views(self, cache, layer) if args is not None else None
         if kv is None:
             return None
-        got = self.__dict__.get("_step_half")
-        if got is None or got[0] is not args or got[1] is not kv:
-            (norm_w, eps, qkv, bqkv), (h, kvh, o, bo, threads) = args
-            got = self.__dict__["_step_half"] = (args, kv, AttentionHalf(norm_w, eps, qkv, bqkv, kv[0], kv[1], h,
-                                                                          kvh, o, bo, threads))
-        return got[2]
+        (norm_w, eps, qkv, bqkv), (h, kvh, o, bo, threads) = args
+        return AttentionHalf(norm_w, eps, qkv, bqkv, kv[0], kv[1], h, kvh, o, bo, threads)
 
     def _fused_args(self, norm):
         """The kernel's arguments that stay the same from token to token, or None when the fused path does
@@ -130,25 +126,20 @@ class FusedGatedFFN(GatedFFN):
 
     def step_half(self, norm):
         """This FFN half for offload.cpu.step.decode_layer, or None where the fused path does not apply."""
-        args = self._fused_args(norm)
-        if args is None:
-            return None
-        got = self.__dict__.get("_step_half")
-        if got is None or got[0] is not args:
-            got = self.__dict__["_step_half"] = (args, DenseFFNHalf(*args))
-        return got[1]
+        return self._fused_args(norm)
 
     def _fused_args(self, norm):
-        """As FusedAttention._fused_args: remembered per (norm, gate_up, down, threads); None without
-        CPU storage formats, with biases or a non-fp32 norm."""
+        """As FusedAttention._fused_args, as a DenseFFNHalf (gated_ffn_block's arguments but x and out):
+        remembered per (norm, gate_up, down, threads); None without CPU storage formats, with biases or a
+        non-fp32 norm."""
         gate_up, down = self._modules["gate_up"], self._modules["down"]
 
         def build():
             if not (isinstance(gate_up, CpuLinear) and isinstance(down, CpuLinear) and gate_up.bias is None
                     and down.bias is None and norm.weight.dtype == torch.float32):
                 return None
-            return (norm.weight.numpy(), norm.eps, gate_up.operand, down.operand, self.n, self.kind.code,
-                    gate_up.threads)
+            return DenseFFNHalf(norm.weight.numpy(), norm.eps, gate_up.operand, down.operand, self.n,
+                                self.kind.code, gate_up.threads)
         return _remembered(self, (norm, gate_up, down, getattr(gate_up, "threads", None)), build)
 
 
@@ -173,8 +164,7 @@ class FusedLlamaLayers(LlamaLayers):
         return torch.from_numpy(h).view(x.shape)
 
     def _step_plan(self, cache):
-        """[(attention half, FFN half)] per block for decode_layer, or None when a block has no fused path.
-        The halves are remembered by their modules while their arguments stay the same."""
+        """[(attention half, FFN half)] per block for decode_layer, or None when a block has no fused path."""
         plan = []
         for i, layer in enumerate(self):
             m = layer._modules

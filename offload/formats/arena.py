@@ -9,8 +9,10 @@ allocations of 4 MB or more, and most of a small model's matrices are smaller (Q
 :func:`weight_array` returns a zeroed array (:func:`in_huge_pages`, :func:`tensor_in_huge_pages`: a
 copy) inside a :data:`CHUNK` of anonymous memory advised ``MADV_HUGEPAGE`` (the kernel's "madvise" THP
 mode honours it); a chunk is unmapped when the last array in it is freed. Where the platform has no
-madvise, plain NumPy arrays. Every CPU weight store uses it: fp32/fp16 matrices (offload.formats.cpu),
-GGUF column planes and row quads, the cold FFN bundle and the int4/int8 shadows.
+madvise, plain NumPy arrays. The long-lived CPU weight stores use it: fp32/fp16 matrices and torch
+embedding tables (offload.formats.cpu, embedding_for), GGUF row quads, the cold FFN bundle and the
+int4/int8 shadows. Not GGUF column planes: the int8 path builds them only to make quads, and a freed
+array leaves a resident hole in its chunk (a chunk stays mapped while any array in it lives).
 """
 from __future__ import annotations
 
@@ -66,12 +68,11 @@ def is_huge_paged(a: np.ndarray) -> bool:
         return any(lo <= start and start + a.nbytes <= hi and ref() is not None for lo, hi, ref in _mappings)
 
 
-def in_huge_pages(a: np.ndarray, dtype=None) -> np.ndarray:
-    """``a`` (as ``dtype``) C-contiguous in huge-page memory: ``a`` itself when it already is, else a copy."""
-    dtype = np.dtype(a.dtype if dtype is None else dtype)
-    if a.dtype == dtype and a.flags.c_contiguous and is_huge_paged(a):
+def in_huge_pages(a: np.ndarray) -> np.ndarray:
+    """``a`` C-contiguous in huge-page memory: ``a`` itself when it already is, else a copy."""
+    if a.flags.c_contiguous and is_huge_paged(a):
         return a
-    out = weight_array(a.shape, dtype)
+    out = weight_array(a.shape, a.dtype)
     out[...] = a
     return out
 

@@ -96,4 +96,3 @@ class Float16Linear(CpuLinear):
     @property
     def nbytes(self) -> int:
         return self.weight.numel() * 2
-
