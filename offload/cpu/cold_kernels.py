@@ -42,8 +42,10 @@ from offload.cpu.widen import as_f32
 from offload.models.ffn_kind import FFNKind
 
 SWIGLU, RELU, DRELU, RELU_FC = (k.code for k in (FFNKind.SWIGLU, FFNKind.RELU, FFNKind.DRELU, FFNKind.RELU_FC))
-# cold_chunk prefetches up to this many bytes of each row of the next active neuron
+# cold_chunk prefetches up to this many bytes of each row of the next active neuron (into L1)
 PREFETCH_ROW_BYTES = 2048
+# ... and the rows of the active neuron at least this many bytes further on (into L2)
+L2_AHEAD_BYTES = 4096
 # per-thread status words in ctl[2 + tid]
 NOT_STARTED, WORKING, FINISHED = 0, 1, 2
 
@@ -75,28 +77,37 @@ def _element_pointer_and_prefetch(context, builder, arr_type, arr, start):
     return ptr, fn
 
 
-def _prefetch_args(ptr):
+def _prefetch_args(ptr, locality):
     i32 = ir.IntType(32)
-    return [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]  # read, keep in all caches, data
+    return [ptr, ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)]  # read, data
 
 
-@intrinsic
-def prefetch_bytes(typingctx, arr, start, nbytes):
-    """Ask the cache for ``nbytes`` of ``arr``'s data from flat element ``start`` on (one prefetch
-    per 64-byte line; never faults). Rows picked by a sparse index defeat the hardware prefetcher,
-    so the kernels request the next row themselves."""
-    if not isinstance(arr, types.Array):
-        return None
-    sig = types.void(arr, types.intp, types.intp)
+def _prefetch_intrinsic(locality: int, doc: str):
+    """A ``(arr, start, nbytes)`` prefetch intrinsic: one llvm.prefetch of ``locality`` (3: every cache
+    level, ``prefetcht0``; 2: L2 and out, ``prefetcht1``) per 64-byte line of ``nbytes`` of ``arr``'s
+    data from flat element ``start`` on. A prefetch never faults."""
+    def typer(typingctx, arr, start, nbytes):
+        if not isinstance(arr, types.Array):
+            return None
+        sig = types.void(arr, types.intp, types.intp)
 
-    def codegen(context, builder, sig, args):
-        base, fn = _element_pointer_and_prefetch(context, builder, sig.args[0], args[0], args[1])
-        step = ir.Constant(args[2].type, 64)
-        with cgutils.for_range_slice(builder, ir.Constant(args[2].type, 0), args[2], step) as (off, _):
-            builder.call(fn, _prefetch_args(builder.gep(base, [off])))
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            base, fn = _element_pointer_and_prefetch(context, builder, sig.args[0], args[0], args[1])
+            step = ir.Constant(args[2].type, 64)
+            with cgutils.for_range_slice(builder, ir.Constant(args[2].type, 0), args[2], step) as (off, _):
+                builder.call(fn, _prefetch_args(builder.gep(base, [off]), locality))
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
+prefetch_bytes = _prefetch_intrinsic(3, """``prefetch_bytes(arr, start, nbytes)``: ask every cache level for
+``nbytes`` of ``arr``'s data from flat element ``start`` on. Rows picked by a sparse index defeat the
+hardware prefetcher, so the kernels request the next row themselves.""")
+prefetch_bytes_to_l2 = _prefetch_intrinsic(2, """``prefetch_bytes_to_l2(arr, start, nbytes)``: as prefetch_bytes,
+into L2 (not L1): for requests further ahead, which in L1 would evict lines still in use.""")
 
 
 @njit(nogil=True, fastmath=True, cache=True, inline="always")
@@ -239,6 +250,7 @@ def cold_chunk(W, x, idx, lo, hi, kind, bias, acc, h):
     u = h[4]  # one row of dot products
     m, d = W.shape[1], W.shape[2]
     ahead = min(d * W.itemsize, PREFETCH_ROW_BYTES)
+    far = max(2, L2_AHEAD_BYTES // (m * d * W.itemsize))  # neurons ahead for the L2 prefetch
     for p in range(lo, hi):
         i = idx[p]
         if i < 0 or i >= n:
@@ -249,6 +261,11 @@ def cold_chunk(W, x, idx, lo, hi, kind, bias, acc, h):
             if 0 <= nxt < n:
                 for r in range(m):
                     prefetch_bytes(W, (nxt * m + r) * d, ahead)
+        if p + far < hi:  # and one further on into L2, so that more lines are in flight (see gemv_rows)
+            nxt = idx[p + far]
+            if 0 <= nxt < n:
+                for r in range(m):
+                    prefetch_bytes_to_l2(W, (nxt * m + r) * d, ahead)
         hq = h[npend]
         live = False
         if kind == SWIGLU:
