@@ -123,14 +123,16 @@ def array_data(ctx, b, ty, val):
 PREFETCH_AHEAD = 4096  # bytes: software prefetch distance along a weight stream
 
 
-def prefetch(b, ptr, nbytes, ahead=PREFETCH_AHEAD):
-    """Prefetch the cache lines of [ptr, ptr + nbytes) + ``ahead`` (read, all levels). Measured
-    (one thread, noisy machine, medians): SmolLM2's ~1 MB int4 layer streamed 88-105 → 66-70 µs,
-    7B's 50 MB 3.7-5.4 → 3.6-4.4 ms; 1, 2, 4 and 8 KB ahead were within noise of each other."""
+def prefetch(b, ptr, nbytes, ahead=PREFETCH_AHEAD, locality=3):
+    """Prefetch the cache lines of [ptr, ptr + nbytes) + ``ahead`` (read; ``locality`` 3: every cache
+    level, ``prefetcht0``; 2: L2 and out, ``prefetcht1``). Measured (one thread, noisy machine, medians):
+    SmolLM2's ~1 MB int4 layer streamed 88-105 → 66-70 µs, 7B's 50 MB 3.7-5.4 → 3.6-4.4 ms; 1, 2, 4 and 8
+    KB ahead were within noise of each other."""
     fnty = ir.FunctionType(ir.VoidType(), [ptr.type, I32, I32, I32])
     fn = cgutils.get_or_insert_function(b.module, fnty, "llvm.prefetch.p0")
     for off in range(0, nbytes, 64):
-        b.call(fn, [b.gep(b.bitcast(ptr, I8.as_pointer()), idx(ahead + off)), const(I32, 0), const(I32, 3), const(I32, 1)])
+        b.call(fn, [b.gep(b.bitcast(ptr, I8.as_pointer()), idx(ahead + off)), const(I32, 0),
+                    const(I32, locality), const(I32, 1)])
 
 
 def store_lanes(b, vec, row_ptr, col0, ncols):
