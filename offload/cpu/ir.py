@@ -135,6 +135,20 @@ def prefetch(b, ptr, nbytes, ahead=PREFETCH_AHEAD, locality=3):
                     const(I32, locality), const(I32, 1)])
 
 
+# stream_prefetch's distances: bytes ahead into L1, into L2
+STREAM_L1_AHEAD, STREAM_L2_AHEAD = 1024, 6144
+
+
+def stream_prefetch(b, ptr, nbytes):
+    """Prefetch [ptr, ptr + nbytes) at STREAM_L1_AHEAD into L1 and at STREAM_L2_AHEAD into L2: more
+    lines in flight than one prefetch 4 KB ahead into L1, without evicting lines still being read.
+    Measured (Intel Xeon VM, 2 threads, each figure from one process): SmolLM2's all-cold FFN (the
+    int4 shadow from DRAM) 1.10-1.15x → 1.06-1.09x the dense fp16 FFN's time; SmolLM2 Q4_1 as
+    stored, int8 x (row quads), decode 217-226 → 226-238 tok/s."""
+    prefetch(b, ptr, nbytes, ahead=STREAM_L1_AHEAD)
+    prefetch(b, ptr, nbytes, ahead=STREAM_L2_AHEAD, locality=2)
+
+
 def store_lanes(b, vec, row_ptr, col0, ncols):
     """row_ptr[col0 : col0 + n] = vec (n lanes), only the lanes with col0 + lane < ncols."""
     n = vec.type.count

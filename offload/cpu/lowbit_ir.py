@@ -21,9 +21,10 @@ How the int4 kernels compute (x quantized to int8 per group of 32 by offload.cpu
   no horizontal reductions, the 8 results of a block come out as one vector, and the per-group
   scales of the 8 rows are one 16-byte load + ``vcvtph2ps``. For the shadow, the gate and the up
   group of the same 8 neurons are adjacent ([pair, group, gate | up, 144 B]): the whole layer is
-  one sequential stream, read with a software prefetch 4 KB ahead (SmolLM2's streamed layer went
-  from ~125 µs with gate and up as two streams to ~70 µs). The activation (a vectorized exp) and
-  |·| run in registers and 8 scores are stored: no g̃/ũ arrays in memory.
+  one sequential stream, read with software prefetches ahead (offload.cpu.ir.stream_prefetch;
+  SmolLM2's streamed layer went from ~125 µs with gate and up as two streams to ~70 µs). The
+  activation (a vectorized exp) and |·| run in registers and 8 scores are stored: no g̃/ũ arrays in
+  memory.
 * The kernels are written as LLVM vector IR through numba ``@intrinsic`` (offload.cpu.lowbit_ir), because
   numba's auto-vectorizer turned every plain-Python formulation of the nibble unpacking into
   scalar or gather code (0.4–1.1 GB/s, see "tried" below). On x86 with AVX2 the IR calls the
@@ -39,7 +40,7 @@ Tried and rejected (fp32 int4 gate+up at 11008 × 4096 unless stated, one thread
   bound: 2 ``vpmaddwd`` + 2 broadcasts + 2 adds per 16 bytes), 8.7 GB/s from DRAM. The int8-x
   ``vpmaddubsw`` kernel halves the instructions: ~19-25 GB/s in cache.
 * Tokens 1-2 per pass only (vs up to 4): SmolLM2 b = 4 142 vs 127 µs, b = 8 273 vs 242 µs.
-* Software prefetch 1, 2, 8 KB ahead: within noise of 4 KB.
+* Software prefetch 1, 2, 8 KB ahead into L1: within noise of 4 KB (one thread, the layer alone).
 
 Public: the kernel instances ``i4_shadow_k[T]``, ``i4_gemv_k[T]``, ``i8_shadow_k[T]`` for T = 1..4 tokens
 per pass, the layout constants, and ``CACHE`` (whether numba may cache code that uses them). The shared
@@ -52,17 +53,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from offload.cpu.ir import (CACHE, F16, F32, I8, I16, I32, I64, call, const, counted_loop, csplat, fma, idx,
-                            is_c_array, maddubs, maddwd, prefetch, splat, store_lanes, tree_add, vload, vt)
+                            is_c_array, maddubs, maddwd, prefetch, splat, store_lanes, stream_prefetch, tree_add,
+                            vload, vt)
 
 GROUP = 32  # columns per int4 scale group (offload.predict.quant's default; the only one supported)
 BLK = 8  # rows per block (lanes of one fp32 vector)
 I4_BYTES = 144  # bytes per (8-row block, group): 128 nibble bytes + 8 fp16 scales
 I8_BYTES = 256  # bytes per (8-row block, group) of int8 weights
-# The int4 shadow's stream prefetches 1 KB ahead into L1 and 6 KB ahead into L2. SmolLM2's all-cold FFN
-# (shadow, top-k, cold kernel; 30 layers in turn, so the shadow comes from DRAM) took 1.10-1.15x the
-# dense fp16 FFN's time with one prefetch 4 KB ahead into L1, 1.06-1.09x with these two (each ratio
-# from one process; Intel Xeon VM, 2 threads).
-SHADOW_L1_AHEAD, SHADOW_L2_AHEAD = 1024, 6144
 
 
 def _exp8(b, x):
@@ -168,8 +165,7 @@ def _make_i4_shadow(T):
 
             def body(g, accs):
                 gp = b.gep(pair, [b.mul(g, const(I64, 2 * I4_BYTES))])
-                prefetch(b, gp, 2 * I4_BYTES, ahead=SHADOW_L1_AHEAD)  # see SHADOW_L1_AHEAD
-                prefetch(b, gp, 2 * I4_BYTES, ahead=SHADOW_L2_AHEAD, locality=2)
+                stream_prefetch(b, gp, 2 * I4_BYTES)
                 xqg = [b.gep(xq[t], [b.mul(g, const(I64, GROUP // 4))]) for t in range(T)]
                 xcg = [b.load(b.gep(xc[t], [g])) for t in range(T)]
                 xsg = [splat(b, b.load(b.gep(xs[t], [g])), 8) for t in range(T)]
