@@ -281,7 +281,8 @@ def gemv_case(name: str, shape: str) -> Case:
 
 def cold_case(name: str, shape: str) -> Case:
     """The cold FFN kernel (offload.cpu.cold_kernels: cold_chunk on one thread, cold_parallel on
-    more) over half of the neurons, fp32 or fp16 bundles, one token, against plain_cold."""
+    more; for one token both run cold_token) over half of the neurons, fp32 or fp16 bundles, one token,
+    against plain_cold."""
     n, d = FFN_SHAPES[shape]
     k = int(n * COLD_DENSITY)
 

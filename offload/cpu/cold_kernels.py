@@ -239,8 +239,11 @@ def cold_chunk(W, x, idx, lo, hi, kind, bias, acc, h):
     reads gate and up rows in the same pass, :func:`_dot2_x4`), which cuts L1/L2 loads per FMA
     from 1.5 to 0.75 and made b = 8 ~2x faster.
     Returns the number of out-of-range entries of ``idx[lo:hi]`` (skipped; the caller raises).
+    One token (b = 1): :func:`cold_token`.
     """
     b = x.shape[0]
+    if b == 1:
+        return cold_token(W, x[0], idx, lo, hi, kind, bias, acc[0])
     n = W.shape[0]
     zero = np.float32(0.0)
     one = np.float32(1.0)
@@ -309,12 +312,12 @@ def cold_chunk(W, x, idx, lo, hi, kind, bias, acc, h):
 
 @njit(nogil=True, fastmath=True, cache=True)
 def cold_token(W, x, idx, lo, hi, kind, bias, acc):
-    """cold_chunk for one token: x [d] and acc [d] (accumulated into), the other arguments as cold_chunk's.
+    """cold_chunk's one-token case: x [d] and acc [d] (accumulated into), the other arguments as
+    cold_chunk's; returns the out-of-range count.
 
-    The same sums in the same order as cold_chunk at b = 1, written over whole-array indices ``W[i, r,
-    j]`` instead of row views: a view costs two atomic reference-count updates, and a neuron of SmolLM2
-    needs about six of them (three rows, the pending list, the scratch rows). Returns the out-of-range
-    count."""
+    Written over whole-array indices ``W[i, r, j]`` instead of row views: a view costs two atomic
+    reference-count updates, and the general kernel takes about six per neuron (three rows, the
+    pending list, the scratch rows)."""
     n, m, d = W.shape
     dc = m - 1
     zero = np.float32(0.0)
