@@ -95,13 +95,15 @@ def topk_union(s, k):
         prefix, need = kth_key(s[0], k, keys, cand, hist)
         out = np.empty(k, np.int64)
         m = 0
-        for i in range(n):
+        for i in range(n):  # as topk_row
             key = keys[i]
-            if key > prefix or (key == prefix and need > 0):
-                if key == prefix:
-                    need -= 1
+            if key > prefix:
                 out[m] = i
                 m += 1
+            elif key == prefix and need > 0:
+                out[m] = i
+                m += 1
+                need -= 1
         return out
     mask = np.zeros(n, np.bool_)
     for t in range(b):
