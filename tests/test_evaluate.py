@@ -174,8 +174,9 @@ def test_cli_bad_arguments_fail_before_loading_the_model(tmp_path):
                                                         ("int4", "int8", None)])
 def test_token_by_token_perplexity(tiny_checkpoint, weights, activations, tol):
     """Through the decode path token by token, perplexity equals the whole-window one where the one-token
-    products compute the same numbers (fp32 weights; fp32 x), and differs, slightly, where x is rounded
-    to int8."""
+    products compute the same numbers (fp32 weights; fp32 x), and is close where x is rounded to int8 (both
+    paths round it; whether their sums come out bit-identical depends on the CPU's kernels: equal on an
+    AVX2 Zen 3, not on an AVX-512 VNNI Xeon)."""
     from offload.evaluate import perplexity
 
     ckpt = open_checkpoint(tiny_checkpoint("llama"))
@@ -185,4 +186,4 @@ def test_token_by_token_perplexity(tiny_checkpoint, weights, activations, tol):
     if tol is not None:
         assert step == pytest.approx(whole, rel=tol)
     else:
-        assert step != whole and step == pytest.approx(whole, rel=0.05)
+        assert step == pytest.approx(whole, rel=0.05)

@@ -227,6 +227,21 @@ def test_topk_indices():
     np.testing.assert_array_equal(topk_indices(s, 80), np.arange(50))
 
 
+def test_topk_indices_ties_signed_zeros_and_infinities():
+    """Against a sort: each row's k largest (ties at the k-th value: lowest indices first, -0.0 below +0.0,
+    ±inf), the sorted union over the rows; one row and several, many random sizes."""
+    rng = np.random.default_rng(1)
+    values = np.float32([-np.inf, -2.5, -1.0, -0.0, 0.0, 0.5, 1.0, 3.0, np.inf])
+    for case in range(300):
+        b, n = int(rng.integers(1, 4)), int(rng.integers(2, 300))
+        k = int(rng.integers(1, n))
+        s = values[rng.integers(0, len(values), (b, n))] if case % 2 else rng.standard_normal((b, n)).astype(np.float32)
+        want = set()
+        for row in s:
+            want.update(sorted(range(n), key=lambda i: (-row[i], bool(np.signbit(row[i])), i))[:k])
+        np.testing.assert_array_equal(topk_indices(s, k), np.array(sorted(want), np.int64))
+
+
 # ------------------------------------------------------------------------------------------- errors
 def test_rejects_bad_inputs():
     n, d = 37, 72

@@ -76,13 +76,12 @@ def topk_row(s, k, mask, keys, cand, hist):
     """mask[i] |= s[i] is among the k largest of s (1 <= k < n; ties at the k-th value: lowest
     indices first). Scratch as :func:`kth_key`."""
     prefix, need = kth_key(s, k, keys, cand, hist)
-    for i in range(s.shape[0]):  # prefix is the k-th largest key
+    for i in range(s.shape[0]):  # prefix is the k-th largest key; branch-free (see topk_union)
         key = keys[i]
-        if key > prefix:
-            mask[i] = True
-        elif key == prefix and need > 0:
-            mask[i] = True
-            need -= 1
+        tie = key == prefix
+        take = (key > prefix) | (tie & (need > 0))
+        need -= tie & take
+        mask[i] |= take
 
 
 @njit(nogil=True, cache=True)
@@ -93,18 +92,18 @@ def topk_union(s, k):
     hist = np.empty((4, 2048), np.int32)
     if b == 1:  # one token (decode): the ids straight from the keys, no mask
         prefix, need = kth_key(s[0], k, keys, cand, hist)
-        out = np.empty(k, np.int64)
+        # branch-free: whether a score is taken is a coin flip at k ≈ n/2, and a branch on it mispredicts
+        # about every other time (SmolLM2's 1536 shadow scores, AMD EPYC Zen 3: 16 → 12 µs a row)
+        out = np.empty(n + 1, np.int64)
         m = 0
         for i in range(n):  # as topk_row
             key = keys[i]
-            if key > prefix:
-                out[m] = i
-                m += 1
-            elif key == prefix and need > 0:
-                out[m] = i
-                m += 1
-                need -= 1
-        return out
+            tie = key == prefix
+            take = (key > prefix) | (tie & (need > 0))
+            need -= tie & take
+            out[m] = i
+            m += take
+        return out[:k]
     mask = np.zeros(n, np.bool_)
     for t in range(b):
         topk_row(s[t], k, mask, keys, cand, hist)

@@ -2,7 +2,8 @@
 
 numba has no float16 type, so fp16 weights reach the kernels as their uint16 bits and :func:`as_f32`
 widens them (an LLVM ``fpext half → float``: F16C ``vcvtph2ps``, vectorized with the loop around it);
-the same kernel compiled for float32 arrays reads them unchanged.
+the same kernel compiled for float32 arrays reads them unchanged. :func:`f32_from_bits` is the reverse
+kind of access: an int32's bits read as a float32 (numba has no scalar bit cast).
 """
 from __future__ import annotations
 
@@ -22,4 +23,18 @@ def as_f32(typingctx, v):
         def codegen(context, builder, sig, args):
             return args[0]
         return types.float32(types.float32), codegen
+    return None
+
+
+@intrinsic
+def f32_from_bits(typingctx, v):
+    """The float32 whose bits are the low 32 bits of the integer ``v`` (a bit cast; vectorizes with the
+    loop around it). numba computes int32 arithmetic in int64, hence the truncation."""
+    if isinstance(v, types.Integer):
+        def codegen(context, builder, sig, args):
+            bits = args[0]
+            if bits.type.width > 32:
+                bits = builder.trunc(bits, ir.IntType(32))
+            return builder.bitcast(bits, ir.FloatType())
+        return types.float32(v), codegen
     return None
