@@ -100,8 +100,8 @@ class OffloadedModel:
         operating point, solve the placement of hot neurons for ``budget`` bytes on ``device``, and
         swap every FFN for a HybridFFN. With device='cpu' the hot side runs on CPU torch, and
         ``budget=0`` means no device memory at all: every FFN neuron is cold (one numba call per layer
-        computes the FFN; on SmolLM2 it runs at 0.95x the dense engine with the same fp16 weights, see
-        the README's Performance).
+        computes the FFN; on SmolLM2 it runs at 0.95-1.13x the dense engine with the same fp16 weights
+        depending on the CPU and the run, see the README's Performance).
         ``prepared``: artifacts from offload.prepare.prepare / prepare_from_tokens (default: prepare).
         Once per model: a second call raises (load the model again to place it for another budget)."""
         from offload.cpu.decode import warm_up

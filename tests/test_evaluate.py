@@ -174,9 +174,9 @@ def test_cli_bad_arguments_fail_before_loading_the_model(tmp_path):
                                                         ("int4", "int8", None)])
 def test_token_by_token_perplexity(tiny_checkpoint, weights, activations, tol):
     """Through the decode path token by token, perplexity equals the whole-window one where the one-token
-    products compute the same numbers (fp32 weights; fp32 x), and is close where x is rounded to int8 (both
-    paths round it; whether their sums come out bit-identical depends on the CPU's kernels: equal on an
-    AVX2 Zen 3, not on an AVX-512 VNNI Xeon)."""
+    products compute the same numbers (fp32 weights; fp32 x), and is close where x is rounded to int8. Both
+    paths round x there, so it differs from the fp32-x model's; whether the two paths' sums come out
+    bit-identical depends on the CPU's kernels (equal on an AVX2 Zen 3, not on an AVX-512 VNNI Xeon)."""
     from offload.evaluate import perplexity
 
     ckpt = open_checkpoint(tiny_checkpoint("llama"))
@@ -187,3 +187,5 @@ def test_token_by_token_perplexity(tiny_checkpoint, weights, activations, tol):
         assert step == pytest.approx(whole, rel=tol)
     else:
         assert step == pytest.approx(whole, rel=0.05)
+        exact_x = build_model(ckpt, weights=weights, activations="float32", progress=False)
+        assert whole != perplexity(exact_x, wins)["ppl"]  # x was rounded

@@ -145,8 +145,8 @@ def attend_heads(q, kc, vc, n, h, kvh, lo, hi, out):
     """out[head·hd : (head + 1)·hd] = softmax(q[head]·kᵀ/√hd)·v over positions 0..n-1, heads lo..hi-1.
 
     Three loops a head, each its own function (written in one body, LLVM vectorized them worse: 35 against
-    17 µs); SmolLM2's 9 heads at 170 positions, one thread: 30-39 µs before (a dot product chain per
-    position, libm's exp) → 16-18 (AMD EPYC Zen 3)."""
+    17 µs); SmolLM2's 9 heads at 170 positions, one thread, old and new alternating in one process: 29-36 µs
+    before (a dot product chain per position, libm's exp) → 18-23 (AMD EPYC Zen 3)."""
     hd = kc.shape[2]
     scale = np.float32(1.0 / math.sqrt(hd))
     p = np.empty(n, np.float32)
