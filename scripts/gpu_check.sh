@@ -18,7 +18,7 @@
 #   5. benchmarks/sweep.py: t/s against the budget, and its plot                        → sweep.md, sweep.png
 # After every step summary.md is rewritten (markdown for benchmarks/RESULTS.md). Nothing is installed
 # and nothing is downloaded: a missing module makes the steps that need it "skipped: ... missing".
-# The package links, the model and the prepared artifacts live in a temporary folder, removed at exit.
+# The model and the prepared artifacts live in a temporary folder, removed at exit.
 set -uo pipefail  # no -e: a failing step must not stop the others
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -43,14 +43,24 @@ trap 'rm -rf "$WORK"' EXIT
 STEPS="$WORK/steps.tsv"
 THREADS=$(nproc)
 
-# The package maps kernels/ and models/ into offload/ (pyproject.toml). A tree of links gives Python
-# that layout without installing anything; it shadows an installed copy, so both modes run these files.
-# offload/__pycache__ is linked too, so numba's compiled-kernel cache stays in the checkout between runs.
-mkdir -p "$ROOT/offload/__pycache__" "$WORK/pkg/offload"
-ln -s "$ROOT"/offload/* "$WORK/pkg/offload/"
-ln -s "$ROOT/kernels" "$WORK/pkg/offload/kernels"
-ln -s "$ROOT/models" "$WORK/pkg/offload/models"
-export PYTHONPATH="$WORK/pkg${PYTHONPATH:+:$PYTHONPATH}"
+# The package maps kernels/ and models/ into offload/ (pyproject.toml). Where this interpreter already
+# imports offload from this checkout (an editable install: the tests) nothing more is needed; elsewhere
+# (the bare device machine) a tree of links gives Python that layout without installing anything. The
+# tree lies at a fixed path (build/, ignored by git): numba keys its cache by the source file's path,
+# so a tree in a new temporary folder each run recompiled every kernel.
+if [ "$(cd / && "$PY" -c 'import os, offload; print(os.path.dirname(os.path.dirname(os.path.abspath(offload.__file__))))' \
+        2>/dev/null)" != "$ROOT" ]; then
+    PKG="$ROOT/build/gpu_check_pkg"
+    rm -rf "$PKG" && mkdir -p "$PKG/offload"
+    ln -s "$ROOT"/offload/* "$PKG/offload/"
+    ln -s "$ROOT/kernels" "$PKG/offload/kernels"
+    ln -s "$ROOT/models" "$PKG/offload/models"
+    export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# Per-run model artifacts (prepare's), but numba's compiled kernels in the user's usual cache (offload.cpu
+# puts them under $OFFLOAD_CACHE/numba unless NUMBA_CACHE_DIR is set): with the artifacts' temporary folder
+# every run recompiled every kernel (~90 s of the dry run's decode step on two cores).
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${OFFLOAD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/offload}/numba}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OFFLOAD_CACHE="$WORK/cache"
 export MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
 
