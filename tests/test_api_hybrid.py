@@ -79,7 +79,7 @@ def test_all_cold_cpu_decode_through_block_calls(tiny_prepared):
     """A fused CPU model offloaded with every neuron cold decodes each block of a token in one numba call
     over prepared arguments (offload.cpu.step): the same logits and the same hybrid statistics as the
     torch-module path (LlamaLayers, HybridFFN.residual)."""
-    from offload.cpu.decode import FusedLlamaLayers, fuse_decode_blocks
+    from offload.cpu.decode import FusedLlamaLayers, FusedRMSNorm, fuse_decode_blocks
     from offload.formats import apply_weight_format
     from offload.models.llama import LlamaLayers
 
@@ -94,7 +94,7 @@ def test_all_cold_cpu_decode_through_block_calls(tiny_prepared):
         assert all(layer.mlp.step_half(layer.ffn_norm) is not None for layer in m.model.layers)
         if not one_call:
             m.model.layers = LlamaLayers(list(m.model.layers))
-        assert isinstance(m.model.layers, FusedLlamaLayers) == one_call
+        assert isinstance(m.model.layers, FusedLlamaLayers) == one_call and isinstance(m.model.norm, FusedRMSNorm)
         runs[one_call] = (greedy_logits(m.model, rand_ids(6, 9)[None], 4), m.hybrid_stats)
         m.model.hybrid_worker.close()
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-5)

@@ -34,6 +34,23 @@ def test_rms_norm_row_matches_rmsnorm(d):
     torch.testing.assert_close(torch.from_numpy(out), norm(x[None, None])[0, 0].detach(), rtol=1e-5, atol=1e-6)
 
 
+
+def test_fused_final_norm_matches_rmsnorm():
+    """The final-norm swap: one CPU token through the numba norm, within fp32 rounding of RMSNorm; prompts
+    (several tokens) take RMSNorm's own path, bit for bit."""
+    from offload.cpu.decode import FusedRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = torch.randn(576, generator=g)
+    fused = FusedRMSNorm.of(norm)
+    assert fused.weight is norm.weight and list(dict(fused.named_parameters())) == ["weight"]
+    x = torch.randn(1, 1, 576, generator=g) * 3
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), norm(x), rtol=1e-5, atol=1e-6)
+        prompt = torch.randn(1, 5, 576, generator=g)
+        assert torch.equal(fused(prompt), norm(prompt))
+
 def test_exp_f32_matches_exp():
     """The softmax's vectorizable exp against float64 exp: relative error ≤ 1e-6 on [-87, 0]; below -87 it
     gives e^-87 (a weight nothing beside the maximum's 1 can notice)."""

@@ -7,6 +7,7 @@
     ffn_block.py    the FFN half of a block             decode.py        the fused-block module swaps
     cold.py         the cold FFN over selected neurons (cold_kernels.py: its numba kernels)
     cold_step.py    all-cold FFN step in one call       shadow.py, lowbit_ir.py, topk.py  predictor scores
+    quad_rows.py    rows of a row-quad matrix dequantized (a quantized token table's lookup)
     team.py, worker.py  helper threads that sleep between calls (hybrid runs driving a GPU)
 
 Compiled code is cached on disk (numba ``cache=True``), under a folder named by a hash of this package's

@@ -34,6 +34,7 @@ from torch import nn
 
 from offload.cpu.intdot import QuadGemv, quad_operand
 from offload.cpu.packed_gemv import PackedGemv, kernel_scales
+from offload.cpu.quad_rows import quad_rows_into
 from offload.formats import packed, quads
 from offload.formats.cpu import CpuLinear
 from offload.formats.packed import PackedMatrix
@@ -138,7 +139,8 @@ class PackedLinear(CpuLinear):
 class PackedEmbedding(nn.Module):
     """An embedding table kept quantized: a lookup dequantizes the rows it needs (fp32 out). The table is
     held in the layout of ``activations``, so that a tied output head (PackedLinear of the same matrix)
-    shares it."""
+    shares it. Rows of a table in row quads come from one numba call (offload.cpu.quad_rows: a decode
+    step's lookup, run right after the blocks, cost ~0.5 ms in NumPy's many small operations)."""
 
     def __init__(self, packed: PackedMatrix | QuadMatrix, activations: str = ACTIVATIONS[0]):
         super().__init__()
@@ -146,7 +148,11 @@ class PackedEmbedding(nn.Module):
         self.packed, self.vocab, self.d = packed, packed.rows, packed.cols
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = dequantize_rows(self.packed, ids.detach().reshape(-1).cpu().numpy())
+        flat = ids.detach().reshape(-1).cpu().numpy()
+        if isinstance(self.packed, QuadMatrix):
+            rows = quad_rows_into(self.packed, flat, np.empty((flat.size, self.d), np.float32))
+        else:
+            rows = dequantize_rows(self.packed, flat)
         return torch.from_numpy(rows).view(*ids.shape, self.d)
 
     def dense_weight(self) -> torch.Tensor:
