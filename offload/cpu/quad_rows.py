@@ -1,10 +1,10 @@
 """Rows of a quantized matrix in row quads (offload.formats.quads), dequantized in one numba call: the
 token-table lookup of a decode step (a quantized embedding table, tied to the output head).
 
-    quad_rows_into(Q, ids, out)   # out [len(ids), C] float32 = rows ids of dequantize(Q)
+    quad_rows_into(Q, ids, out=None)   # out [len(ids), C] float32 = rows ids of dequantize(Q)
 
 Reference: offload.formats.quads.dequantize_rows (NumPy; the same numbers bit for bit, which the tests
-check for every code width). Why: that reference takes ~20 NumPy operations a lookup, and run right after
+check for every code width). offload.formats.quantized.dequantize_rows calls it for row quads. Why: that reference takes ~20 NumPy operations a lookup, and run right after
 the decode blocks have streamed their weights through the caches, one SmolLM2 Q8_0 row cost 0.45-0.6 ms
 of a ~10 ms token (AMD Zen 3 VM); this call is one dispatch.
 
@@ -61,9 +61,12 @@ def quad_rows_kernel(codes, d, m, sc, mc, gmap, dmap, xmap, zero, bits, group, i
                 out[i, c] = s * (q - np.float32(zero))
 
 
-def quad_rows_into(Q: QuadMatrix, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out [len(ids), Q.cols] float32 = rows ``ids`` (int64, each in 0..rows-1: IndexError otherwise)."""
+def quad_rows_into(Q: QuadMatrix, ids, out: np.ndarray | None = None) -> np.ndarray:
+    """out [len(ids), Q.cols] float32 (allocated when None) = rows ``ids`` (each in 0..rows-1: IndexError
+    otherwise)."""
     ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if out is None:
+        out = np.empty((ids.size, Q.cols), np.float32)
     if ids.size and (ids.min() < 0 or ids.max() >= Q.rows):
         raise IndexError(f"rows must lie in 0..{Q.rows - 1}")
     quad_rows_kernel(Q.codes, Q.d, Q.m, Q.sc, Q.mc, Q.gmap, Q.dmap, Q.xmap, Q.zero, Q.bits, Q.group, ids, out)

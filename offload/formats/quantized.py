@@ -85,8 +85,12 @@ def row_codes(M: PackedMatrix | QuadMatrix, idx) -> packed.Codes:
 
 
 def dequantize_rows(M: PackedMatrix | QuadMatrix, idx) -> np.ndarray:
-    """fp32 [len(idx), C]: rows ``idx`` of a matrix in either layout (bit for bit gguf's values)."""
-    return (quads if isinstance(M, QuadMatrix) else packed).dequantize_rows(M, idx)
+    """fp32 [len(idx), C]: rows ``idx`` of a matrix in either layout (bit for bit gguf's values). Row quads
+    take one numba call (offload.cpu.quad_rows, equal to quads.dequantize_rows): a decode step's embedding
+    lookup, run right after the blocks, cost ~0.5 ms in NumPy's many small operations."""
+    if isinstance(M, QuadMatrix):
+        return quad_rows_into(M, idx)
+    return packed.dequantize_rows(M, idx)
 
 
 class PackedLinear(CpuLinear):
@@ -139,8 +143,7 @@ class PackedLinear(CpuLinear):
 class PackedEmbedding(nn.Module):
     """An embedding table kept quantized: a lookup dequantizes the rows it needs (fp32 out). The table is
     held in the layout of ``activations``, so that a tied output head (PackedLinear of the same matrix)
-    shares it. Rows of a table in row quads come from one numba call (offload.cpu.quad_rows: a decode
-    step's lookup, run right after the blocks, cost ~0.5 ms in NumPy's many small operations)."""
+    shares it."""
 
     def __init__(self, packed: PackedMatrix | QuadMatrix, activations: str = ACTIVATIONS[0]):
         super().__init__()
@@ -148,11 +151,7 @@ class PackedEmbedding(nn.Module):
         self.packed, self.vocab, self.d = packed, packed.rows, packed.cols
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.detach().reshape(-1).cpu().numpy()
-        if isinstance(self.packed, QuadMatrix):
-            rows = quad_rows_into(self.packed, flat, np.empty((flat.size, self.d), np.float32))
-        else:
-            rows = dequantize_rows(self.packed, flat)
+        rows = dequantize_rows(self.packed, ids.detach().reshape(-1).cpu().numpy())
         return torch.from_numpy(rows).view(*ids.shape, self.d)
 
     def dense_weight(self) -> torch.Tensor:
