@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import time
+
+# a version folder's name: 16 hex digits of a hash of the sources (offload.cpu's numba cache)
+_VERSION_NAME = re.compile(r"[0-9a-f]{16}")
 
 
 def cache_root() -> str:
@@ -15,3 +21,29 @@ def model_cache_dir(identity: str, create: bool = True) -> str:
     if create:
         os.makedirs(path, exist_ok=True)
     return path
+
+
+def prune_versions(parent: str, current: str, max_age_days: float = 30.0) -> list[str]:
+    """Mark ``parent/current`` used now (its mtime) and remove the sibling version folders (names of 16 hex
+    digits) not used for ``max_age_days``: every upgrade of the package starts a new folder of compiled
+    kernels, and the old ones would otherwise stay forever. A folder another install still uses keeps
+    being touched, so it stays. Returns the removed paths; a read-only or missing cache is left as it is."""
+    removed = []
+    try:
+        os.makedirs(os.path.join(parent, current), exist_ok=True)
+        os.utime(os.path.join(parent, current))
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    cutoff = time.time() - max_age_days * 86400
+    for name in names:
+        path = os.path.join(parent, name)
+        if name == current or not _VERSION_NAME.fullmatch(name):
+            continue
+        try:
+            if os.path.isdir(path) and not os.path.islink(path) and os.stat(path).st_mtime < cutoff:
+                shutil.rmtree(path)
+                removed.append(path)
+        except OSError:
+            pass  # pruned by another process meanwhile, or not ours to remove
+    return removed

@@ -84,3 +84,42 @@ def test_factory_kernels_have_names_of_their_own():
             kernels += intdot.kernels(bits, group, flags, tmax)
     names = [f"{k.py_func.__module__}.{k.py_func.__qualname__}" for k in kernels]
     assert len(set(names)) == len(names)
+
+
+def test_old_version_folders_are_pruned(tmp_path):
+    """Each source version compiles into a folder of its own; the one in use is touched, siblings unused for
+    30 days go, recent ones (another install's) and folders that are not versions stay."""
+    import time
+
+    from offload.cache import prune_versions
+
+    month = time.time() - 31 * 86400
+    for name in ("0123456789abcdef", "fedcba9876543210", "00000000000000aa", "not-a-version"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "kernel.nbi").write_bytes(b"x")
+    for name in ("0123456789abcdef", "fedcba9876543210", "not-a-version"):
+        os.utime(tmp_path / name, (month, month))
+    removed = prune_versions(str(tmp_path), "0123456789abcdef")
+    assert removed == [str(tmp_path / "fedcba9876543210")]
+    assert sorted(os.listdir(tmp_path)) == ["00000000000000aa", "0123456789abcdef", "not-a-version"]
+    assert os.stat(tmp_path / "0123456789abcdef").st_mtime > time.time() - 60  # the current one: touched
+    assert prune_versions(str(tmp_path / "missing" / "deeper"), "0123456789abcdef") == []  # made, nothing to prune
+    assert (tmp_path / "missing" / "deeper" / "0123456789abcdef").is_dir()
+
+
+def test_importing_the_backend_uses_and_prunes_its_version_folder(tmp_path):
+    """A fresh process with NUMBA_CACHE_DIR set: numba's cache goes to a version folder under it, and a
+    month-old sibling is gone after the import."""
+    import time
+
+    old = tmp_path / "ffffffffffffffff"
+    old.mkdir()
+    month = time.time() - 31 * 86400
+    os.utime(old, (month, month))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", "import offload.cpu; from numba.core import config; "
+                          "print(config.CACHE_DIR)"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    folder = out.stdout.strip()
+    assert os.path.dirname(folder) == str(tmp_path) and os.path.isdir(folder)
+    assert not old.exists()

@@ -13,7 +13,9 @@
 Compiled code is cached on disk (numba ``cache=True``), under a folder named by a hash of this package's
 and offload.formats' sources (and models/ffn_kind.py, whose kind codes the cold kernels compile in): numba checks only the timestamp of the file that holds a function, not
 of the functions it calls from other files, so after an upgrade a cached kernel could run stale code
-(or fail to load a module that no longer exists). ``NUMBA_CACHE_DIR``, when set, is the parent folder.
+(or fail to load a module that no longer exists). ``NUMBA_CACHE_DIR``, when set, is the parent folder. The
+folder in use is touched on import and its siblings unused for 30 days are removed
+(offload.cache.prune_versions).
 
 A numba function made by a factory (one per kernel mode or storage kind) needs a name of its own
 (:func:`own_name`): numba names a compiled function's symbol by its qualified name, its argument types
@@ -32,7 +34,7 @@ import pathlib
 def _use_versioned_numba_cache() -> None:
     from numba.core import config
 
-    from offload.cache import cache_root
+    from offload.cache import cache_root, prune_versions
 
     import offload.models.ffn_kind as ffn_kind  # the kind codes the cold kernels compile in
 
@@ -42,6 +44,7 @@ def _use_versioned_numba_cache() -> None:
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(cache_root(), "numba")
     config.CACHE_DIR = os.path.join(base, digest)
+    prune_versions(base, digest)
 
 
 def own_name(suffix: str):

@@ -14,6 +14,7 @@ column planes count 2 bytes a weight whatever their width, since their unpacking
 """
 from __future__ import annotations
 
+import numpy as np
 from numba import literal_unroll, njit, types
 from numba.extending import overload
 
@@ -49,9 +50,9 @@ def _planes_product(mode: int):
             # sized by the weights (as fp16 bytes), not the bytes: unpacking bits for fp32 x is compute-bound
             # (a Q5_0 576×576 matrix, 207 KB, ran 0.64× the plain loop's 2-thread speed on one thread)
             parts = min(T, _parts(2 * W.rows * cols.shape[0], threads))
-            if parts <= 1:
+            if parts <= 1:  # t0 typed int64, as the parallel kernel's: a literal 0 compiles gemv_tiles again
                 packed_gemv.gemv_tiles(mode, W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, cols,
-                                       W.zero, X, Y, 0, T)
+                                       W.zero, X, Y, np.int64(0), T)
             else:
                 parallel(W.planes, W.d, W.m, W.sc, W.mc, W.flags, W.gmap, W.dmap, cols, W.zero, X, Y, parts)
         _PLANES_PRODUCTS[mode] = product
