@@ -131,7 +131,9 @@ def _entry_points(bits: int, group: int, flags: int, tmax: int):
     def serial(codes, d, m, sc, mc, dmap, groups, xmap, direct, X, Y):
         XQ, XS, XC, XM = x_buffers(X.shape[0], codes.shape[1], group)
         quantize_x(X, xmap, direct, group, corr, XQ, XS, XC, XM)
-        run_blocks(bits, group, flags, tmax, codes, d, m, sc, mc, dmap, groups, XQ, XS, XC, XM, Y, 0, codes.shape[0])
+        # b0 typed int64, as in the parallel kernel: a literal 0 would compile run_blocks a second time
+        run_blocks(bits, group, flags, tmax, codes, d, m, sc, mc, dmap, groups, XQ, XS, XC, XM, Y, np.int64(0),
+                   codes.shape[0])
 
     @njit(nogil=True, cache=CACHE, parallel=True)
     @own_name(kind)
