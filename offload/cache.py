@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
+import string
 import time
-
-# a version folder's name: 16 hex digits of a hash of the sources (offload.cpu's numba cache)
-_VERSION_NAME = re.compile(r"[0-9a-f]{16}")
 
 
 def cache_root() -> str:
@@ -24,10 +21,11 @@ def model_cache_dir(identity: str, create: bool = True) -> str:
 
 
 def prune_versions(parent: str, current: str, max_age_days: float = 30.0) -> list[str]:
-    """Mark ``parent/current`` used now (its mtime) and remove the sibling version folders (names of 16 hex
-    digits) not used for ``max_age_days``: every upgrade of the package starts a new folder of compiled
-    kernels, and the old ones would otherwise stay forever. A folder another install still uses keeps
-    being touched, so it stays. Returns the removed paths; a read-only or missing cache is left as it is."""
+    """Mark ``parent/current`` used now (its mtime) and remove the sibling version folders (named like
+    ``current``: as many lowercase hex digits) not used for ``max_age_days``: every upgrade of the package
+    starts a new folder of compiled kernels (offload.cpu names it by a hash of its sources), and the old
+    ones would otherwise stay forever. A folder another install still uses keeps being touched, so it
+    stays. Returns the removed paths; a read-only or missing cache is left as it is."""
     removed = []
     try:
         os.makedirs(os.path.join(parent, current), exist_ok=True)
@@ -38,7 +36,7 @@ def prune_versions(parent: str, current: str, max_age_days: float = 30.0) -> lis
     cutoff = time.time() - max_age_days * 86400
     for name in names:
         path = os.path.join(parent, name)
-        if name == current or not _VERSION_NAME.fullmatch(name):
+        if name == current or len(name) != len(current) or not set(name) <= set(string.hexdigits.lower()):
             continue
         try:
             if os.path.isdir(path) and not os.path.islink(path) and os.stat(path).st_mtime < cutoff:

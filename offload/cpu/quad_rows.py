@@ -4,9 +4,10 @@ token-table lookup of a decode step (a quantized embedding table, tied to the ou
     quad_rows_into(Q, ids, out=None)   # out [len(ids), C] float32 = rows ids of dequantize(Q)
 
 Reference: offload.formats.quads.dequantize_rows (NumPy; the same numbers bit for bit, which the tests
-check for every code width). offload.formats.quantized.dequantize_rows calls it for row quads. Why: that reference takes ~20 NumPy operations a lookup, and run right after
-the decode blocks have streamed their weights through the caches, one SmolLM2 Q8_0 row cost 0.45-0.6 ms
-of a ~10 ms token (AMD Zen 3 VM); this call is one dispatch.
+check for every code width). offload.formats.quantized.dequantize_rows calls it for row quads. Why: that
+reference takes ~20 NumPy operations a lookup, and run right after the decode blocks have streamed their
+weights through the caches, one SmolLM2 Q8_0 row cost 0.45-0.6 ms of a ~10 ms token (AMD Zen 3 VM); this
+call is one dispatch.
 
 Layout (offload.formats.quads' module docstring): row r lies in block r // 16, lane r % 16; column c of the
 row is position ``xmap[c]`` of the padded row, group g = position // group, and within the group quad k =
