@@ -84,16 +84,16 @@ def main(argv=None) -> int:
             cold_parallel(h.cold_w, x[None], idx, np.zeros(2 + nt, np.int64), h.block, h.kind, h.bias, h.parts,
                           h.scratch)
 
-    rows = {"dense FFN half (norm, gate/up, down, residual)": dense_half,
-            "all-cold FFN half (one call)": cold_half,
-            "  its int4 shadow scores": shadow_scores, "  its top-k": top_k, "  its cold gather": gather}
+    DENSE, COLD = "dense FFN half (norm, gate/up, down, residual)", "all-cold FFN half (one call)"
+    SCORES, TOPK, GATHER = "  its int4 shadow scores", "  its top-k", "  its cold gather"
+    rows = {DENSE: dense_half, COLD: cold_half, SCORES: shadow_scores, TOPK: top_k, GATHER: gather}
     for fn in rows.values():  # compile or load, and fill ids
         fn()
-    per_neuron = cold[0].cold_w[0].nbytes
-    nbytes = {"dense FFN half (norm, gate/up, down, residual)": sum(h.gate_up.nbytes + h.down.nbytes for h in dense),
-              "  its int4 shadow scores": sum(h.shadow_w.nbytes + h.shadow_b.nbytes for h in cold),
-              "  its cold gather": sum(len(i) for i in ids) * per_neuron}
-    nbytes["all-cold FFN half (one call)"] = nbytes["  its int4 shadow scores"] + nbytes["  its cold gather"]
+    selected = sum(len(i) for i in ids)
+    nbytes = {DENSE: sum(h.gate_up.nbytes + h.down.nbytes for h in dense),
+              SCORES: sum(h.shadow_w.nbytes + h.shadow_b.nbytes for h in cold),
+              GATHER: selected * cold[0].cold_w[0].nbytes}  # a neuron's bundle: gate row, up row, down column
+    nbytes[COLD] = nbytes[SCORES] + nbytes[GATHER]
     best = dict.fromkeys(rows, float("inf"))
     for _ in range(args.reps):
         for name, fn in rows.items():
@@ -101,18 +101,16 @@ def main(argv=None) -> int:
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
 
-    dense_rate = nbytes["dense FFN half (norm, gate/up, down, residual)"] / best["dense FFN half (norm, gate/up, down, residual)"]
-    density = sum(len(i) for i in ids) / sum(h.n for h in cold)
-    print(f"SmolLM2 fp16 FFN halves, {len(dense)} layers in turn, {args.threads} threads, best of "
-          f"{args.reps}; all-cold density {density:.3f}\n")
+    dense_rate = nbytes[DENSE] / best[DENSE]
+    print(f"SmolLM2 fp16 FFN halves, {len(dense)} layers in turn, {args.threads} threads, best of {args.reps}; "
+          f"all-cold density {selected / sum(h.n for h in cold):.3f}\n")
     print("| part | ms a token | MB read | GB/s | GB/s ÷ dense |\n|---|---|---|---|---|")
-    for name, s in best.items():
+    for name, sec in best.items():
         b = nbytes.get(name)
-        rate = f"{b / s / 1e9:.1f} | {b / s / dense_rate:.2f}" if b else "— | —"
-        print(f"| {name} | {1e3 * s:.2f} | {b / 1e6:.1f} | {rate} |" if b else f"| {name} | {1e3 * s:.2f} | — | {rate} |")
-    parts = best["  its int4 shadow scores"] + best["  its top-k"] + best["  its cold gather"]
-    print(f"\nparts together {1e3 * parts:.2f} ms, all-cold ÷ dense time "
-          f"{best['all-cold FFN half (one call)'] / best['dense FFN half (norm, gate/up, down, residual)']:.2f}")
+        read = f"{b / 1e6:.1f} | {b / sec / 1e9:.1f} | {b / sec / dense_rate:.2f}" if b else "— | — | —"
+        print(f"| {name} | {1e3 * sec:.2f} | {read} |")
+    print(f"\nparts together {1e3 * (best[SCORES] + best[TOPK] + best[GATHER]):.2f} ms, "
+          f"all-cold ÷ dense time {best[COLD] / best[DENSE]:.2f}")
     print(describe(cpu_description()))
     return 0
 
