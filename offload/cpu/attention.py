@@ -58,7 +58,7 @@ def rope_and_store(qkv, cos, sin, kc, vc, pos, h, kvh, q):
 
 # exp_f32: Cody-Waite reduction x = n·ln2 + r (ln2 in two parts), a degree-6 polynomial for e^r on
 # [-ln2/2, ln2/2] (Cephes' expf coefficients) and 2^n from the exponent bits. Branch-free, so the loop over
-# positions vectorizes; math.exp is a libm call per element (without SVML), over half of attend_heads'
+# positions vectorizes; math.exp is a libm call per element (without SVML), over half of the attention's
 # time at 170 positions. Relative error ~2e-7 for x in [-87, 0] (softmax arguments are ≤ 0); below -87
 # the result is e^-87 instead of smaller (≤ 2e-38, nothing beside the 1 of the maximum).
 _LOG2E = np.float32(1.4426950408889634)
