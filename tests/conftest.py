@@ -126,6 +126,22 @@ def fast_prepare(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_prepared(tiny_checkpoint):
+    """(checkpoint, Prepared) of the tiny LLaMA: predictors and operating point from random ids (read only)."""
+    from offload.checkpoint import open_checkpoint
+    from offload.loading import build_model
+    from offload.prepare import prepare_from_tokens
+
+    from helpers import rand_ids
+
+    ckpt = open_checkpoint(tiny_checkpoint("llama"))
+    net = build_model(ckpt, progress=False)
+    prep = prepare_from_tokens(net, rand_ids(1024, 4), rand_ids(512, 5), identity=ckpt.identity, window=64,
+                               tune_tokens=128, profile_tokens=256, report_tokens=64, progress=False)
+    return ckpt, prep
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """tiny_checkpoint(kind) → path of a saved tiny checkpoint (built once per session)."""
     made: dict[str, str] = {}

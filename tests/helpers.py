@@ -14,6 +14,11 @@ import torch
 from offload.generation import SamplingConfig, generate
 
 
+def rand_ids(n: int, seed: int) -> torch.Tensor:
+    """n token ids below 97 (the tiny models' vocabulary), the same for the same seed."""
+    return torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed))
+
+
 def hf_logits(path, ids: torch.Tensor) -> torch.Tensor:
     """transformers' fp32 logits of one forward over ids, from the checkpoint at ``path``."""
     from transformers import AutoModelForCausalLM

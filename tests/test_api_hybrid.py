@@ -5,23 +5,10 @@ import pytest
 import torch
 
 from offload import OffloadedModel
-from offload.checkpoint import open_checkpoint
 from offload.errors import BudgetError
-from offload.prepare import prepare_from_tokens
 from offload.loading import build_model
 
-
-def rand_ids(n, seed):
-    return torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def tiny_prepared(tiny_checkpoint):
-    ckpt = open_checkpoint(tiny_checkpoint("llama"))
-    net = build_model(ckpt, progress=False)
-    prep = prepare_from_tokens(net, rand_ids(1024, 4), rand_ids(512, 5), identity=ckpt.identity, window=64,
-                               tune_tokens=128, profile_tokens=256, report_tokens=64, progress=False)
-    return ckpt, prep
+from helpers import rand_ids  # the tiny_prepared fixture (conftest) is built from these ids
 
 
 def test_offload_places_within_budget_and_generates(tiny_prepared):

@@ -7,11 +7,9 @@ import pytest
 import torch
 
 from offload import OffloadedModel
-from offload.checkpoint import open_checkpoint
 from offload.cpu.decode import fuse_decode_blocks
 from offload.formats import apply_weight_format
 from offload.loading import build_model
-from offload.prepare import prepare_from_tokens
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cold_layer.py")
 _spec = importlib.util.spec_from_file_location("bench_cold_layer", _PATH)
@@ -19,17 +17,10 @@ cl = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cl)
 
 
-def rand_ids(n, seed):
-    return torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="module")
-def halves(tiny_checkpoint):
+def halves(tiny_prepared):
     """(dense halves, all-cold halves) of the tiny LLaMA with fp16 weights on 2 threads."""
-    ckpt = open_checkpoint(tiny_checkpoint("llama"))
-    prep = prepare_from_tokens(build_model(ckpt, progress=False), rand_ids(1024, 4), rand_ids(512, 5),
-                               identity=ckpt.identity, window=64, tune_tokens=128, profile_tokens=256,
-                               report_tokens=64, progress=False)
+    ckpt, prep = tiny_prepared
     nets = [fuse_decode_blocks(apply_weight_format(build_model(ckpt, progress=False), "float16", 2)) for _ in range(2)]
     m = OffloadedModel(nets[1], None, ckpt, device=torch.device("cpu"))
     m.offload(0, device=torch.device("cpu"), context=64, prepared=prep, progress=False)

@@ -79,14 +79,11 @@ def test_attend_one_matches_rope_and_cached_attention(h, kvh, hd, steps, threads
     """Decode steps at positions 0..steps-1 after a 0-token start: output and cache contents equal torch's
     apply_rope + cached_attention (SDPA) at every step. Groups of 2, 3, 4 and 7 q heads per kv head (7: the
     passes of offload.cpu.attention.HEADS_PER_PASS leave 3, 3 and 1). threads=2: from the position where
-    the cache read is long enough (offload.cpu.matvec.MIN_BYTES_PER_THREAD per part) the kv heads split
-    over the pool."""
-    from offload.cpu.attention import HEADS_PER_PASS
-    from offload.cpu.matvec import MIN_BYTES_PER_THREAD
+    the cache read is long enough (offload.cpu.attention.attention_parts) the kv heads split over the pool."""
+    from offload.cpu.attention import attention_parts
 
     if threads > 1:  # the split happens within the steps tested
-        passes = kvh * -(-(h // kvh) // HEADS_PER_PASS)
-        assert 2 * passes * steps * hd * 4 // MIN_BYTES_PER_THREAD >= 2
+        assert attention_parts(h, kvh, steps, hd, threads) >= 2
     g = torch.Generator().manual_seed(h * hd)
     max_len = steps + 5
     cos_t, sin_t = rope_tables(*rope_inv_freq(hd, 10000.0, None, max_len), max_len)

@@ -14,9 +14,7 @@ from offload.hybrid import apply_placement
 from offload.loading import build_model
 from offload.select import CallableSelector
 
-from helpers import greedy_logits
-
-from test_api_hybrid import rand_ids, tiny_prepared  # noqa: F401  (a fixture: the tiny model, prepared)
+from helpers import greedy_logits, rand_ids  # tiny_prepared (the tiny model, prepared): conftest
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

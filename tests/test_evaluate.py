@@ -18,14 +18,12 @@ from offload.prepare import OPERATING_POINT_FILE, PREDICTOR_FILE, PROFILE_FILE, 
 from offload.loading import build_model
 from offload.sparse import SparsityError, is_sparse
 
+from helpers import rand_ids
+
 
 def tiny(tiny_checkpoint, kind):
     ckpt = open_checkpoint(tiny_checkpoint(kind))
     return build_model(ckpt, progress=False), ckpt.identity
-
-
-def rand_ids(t, seed):
-    return torch.randint(0, 97, (t,), generator=torch.Generator().manual_seed(seed))
 
 
 class WordTokenizer:

@@ -255,6 +255,15 @@ def attend_kv_heads_parallel(q, kc, vc, n, h, kvh, parts, out):
         attend_kv_heads(q, kc, vc, n, h, kvh, kvh * i // parts, kvh * (i + 1) // parts, out)
 
 
+@njit(nogil=True, cache=True)
+def attention_parts(h, kvh, n, hd, threads):
+    """How many parts (kv-head ranges, one thread each) attend_one splits n positions into: one per
+    MIN_BYTES_PER_THREAD of the K and V rows read (once per pass of HEADS_PER_PASS q heads), at most
+    ``threads`` and ``kvh``."""
+    passes = kvh * -(-(h // kvh) // HEADS_PER_PASS)
+    return max(1, min(threads, kvh, 2 * passes * n * hd * 4 // MIN_BYTES_PER_THREAD))
+
+
 @njit(nogil=True, fastmath=True, cache=True)
 def attend_one(qkv, cos, sin, kc, vc, pos, h, kvh, out, threads=1):
     """Attention of one new token at position ``pos`` over positions 0..pos.
@@ -264,14 +273,13 @@ def attend_one(qkv, cos, sin, kc, vc, pos, h, kvh, out, threads=1):
     kc, vc float32 [kvh, max_len, hd]  this layer's cache; k (rotated) and v are written at ``pos``
     out  float32 [h·hd]             softmax(q·kᵀ/√hd)·v per head, heads concatenated
     threads: kv heads split over the pool when the cache they read is long enough to pay for a parallel
-    region (MIN_BYTES_PER_THREAD per part, as offload.cpu.matvec)
+    region (:func:`attention_parts`)
     """
     hd = kc.shape[2]
     q = np.empty((h, hd), np.float32)
     rope_and_store(qkv, cos, sin, kc, vc, pos, h, kvh, q)
     n = pos + 1
-    passes = kvh * -(-(h // kvh) // HEADS_PER_PASS)  # each pass reads a kv head's K and V rows once
-    parts = max(1, min(threads, kvh, 2 * passes * n * hd * 4 // MIN_BYTES_PER_THREAD))
+    parts = attention_parts(h, kvh, n, hd, threads)
     if parts > 1:
         attend_kv_heads_parallel(q, kc, vc, n, h, kvh, parts, out)
     else:
