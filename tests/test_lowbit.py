@@ -21,7 +21,7 @@ import torch
 from offload.cpu import ir, lowbit_ir
 from offload.cpu import shadow as lowbit
 from offload.cpu.shadow import Int4Matrix, Int4Shadow, Int8Shadow
-from offload.cpu.topk import topk_indices
+from offload.cpu.topk import kth_key, kth_key_bisect, kth_key_radix, topk_indices
 from offload.models.ffn_kind import activation
 from offload.predict.quant import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
@@ -240,6 +240,43 @@ def test_topk_indices_ties_signed_zeros_and_infinities():
         for row in s:
             want.update(sorted(range(n), key=lambda i: (-row[i], bool(np.signbit(row[i])), i))[:k])
         np.testing.assert_array_equal(topk_indices(s, k), np.array(sorted(want), np.int64))
+
+
+def test_kth_key_bisection_against_the_radix_select():
+    """kth_key_bisect (from the row's mean) gives the radix select's (k-th key, ties taken) wherever it
+    finds the k-th: positive scores of any scale, with ties at the k-th (rounded rows), a constant row,
+    rows of ±0.0, many sizes and k; and reports not found (kth_key then uses the radix select) where the
+    k-th is far from the mean, as for ReLU rows of zeros or an inf/NaN mean."""
+    rng = np.random.default_rng(3)
+    hist = np.empty((4, 2048), np.int32)
+    found_rows = 0
+    for case in range(600):
+        n = int(rng.integers(2, 3000)) if case % 4 else 1536
+        k = int(rng.integers(1, n))
+        s = (np.abs(rng.standard_normal(n)) * np.exp(0.5 * rng.standard_normal(n))).astype(np.float32)
+        s *= np.float32(np.exp(4 * rng.standard_normal()))
+        if case % 5 == 1:
+            s = np.round(s * 4 / s.mean()).astype(np.float32)  # ties, also at the k-th
+        if case % 17 == 2:
+            s = np.full(n, 0.75, np.float32)  # one value: the range narrows to a single key
+        if case % 19 == 3:
+            s = np.where(rng.random(n) < 0.5, np.float32(0.0), np.float32(-0.0))
+        keys, cand = np.empty(n, np.uint32), np.empty(n, np.uint32)
+        want = kth_key_radix(s, k, keys, cand, hist)
+        found, prefix, need = kth_key_bisect(s, k, keys, cand)
+        if case % 5 != 1 and case % 19 != 3:  # positive rows: the k-th is within 16x of the mean
+            assert found or np.sort(s)[n - k] < s.mean() / 16 or n < 20, (case, n, k)
+        if found:
+            found_rows += 1
+            assert (prefix, need) == want, (case, n, k)
+        assert kth_key(s, k, keys, cand, hist) == want
+    assert found_rows > 450
+    zeros = np.zeros(1536, np.float32)
+    zeros[:100] = 1.0  # ReLU-like: the k-th (0.0) is far below the mean
+    for row, k in ((zeros, 200), (np.float32([np.inf, 1.0, 2.0, 3.0]), 2), (np.float32([np.nan, 1.0, 2.0, 3.0]), 2)):
+        keys, cand = np.empty(len(row), np.uint32), np.empty(len(row), np.uint32)
+        assert not kth_key_bisect(row, k, keys, cand)[0]
+        assert kth_key(row, k, keys, cand, hist) == kth_key_radix(row, k, keys, cand, hist)
 
 
 # ------------------------------------------------------------------------------------------- errors
