@@ -55,8 +55,9 @@ def kth_key(s, k, keys, cand, hist):
     [n] gets every entry's order key. hist int32 [4, 2048] and cand uint32 [n]: scratch.
 
     :func:`kth_key_bisect`, or where the k-th lies outside its range (ReLU rows of zeros, odd rows)
-    :func:`kth_key_radix`. SmolLM2's 1536 shadow scores at k = n/2, AMD EPYC Zen 3: ~3.2 µs against the
-    radix select's ~5.6 (topk_union of one row: 4.1 against 8.9 µs with the old tie loop)."""
+    :func:`kth_key_radix`. AMD EPYC Zen 3, 1536 positive random scores, k = n/2: ~3.2 µs against the radix
+    select's ~5.6; SmolLM2's real int4-shadow scores, a one-row topk_union: 4.4 µs a layer against 8.5 with
+    the radix select and the tie loop alone (benchmarks/RESULTS.md)."""
     found, prefix, need = kth_key_bisect(s, k, keys, cand)
     if found:
         return prefix, need
@@ -222,8 +223,8 @@ def topk_indices(scores, k: int) -> np.ndarray:
     A select in numba (O(n) per row: :func:`kth_key`) and a mask for the union (one row: the ids
     directly).
     With the radix select alone, against np.argpartition per row + np.sort/np.unique, alternating in
-    one process at k = n/2 (noisy machine): n = 1536: 25 vs 42 µs (b = 1), 87 vs 480 µs (b = 8); n = 11008: 54 vs 103 µs,
-    0.70 vs 3.2 ms. Ties at the k-th value take the lowest indices; scores are compared as float32
+    one process at k = n/2 (noisy machine): n = 1536: 25 vs 42 µs (b = 1), 87 vs 480 µs (b = 8);
+    n = 11008: 54 vs 103 µs, 0.70 vs 3.2 ms. Ties at the k-th value take the lowest indices; scores are compared as float32
     (NaN above +inf, -0.0 below +0.0). k <= 0 gives no index, k >= n all of them."""
     s = _np(scores)
     if s.ndim == 1:
