@@ -285,14 +285,16 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: K
 
     k, v [b, kvh, t, hd] are the new keys and values; with a cache they are written at
     start..start+t and attention reads 0..start+t. ``window`` (sliding-window layers): a query at
-    position p sees only the keys at p − window < j ≤ p. Returns [b, h, t, hd].
+    position p sees only the keys at p − window < j ≤ p. Returns [b, h, t, hd]. A cache of another
+    dtype than q (an fp16 KV cache under fp32 compute) stores the keys and values rounded to its dtype
+    and they are read back widened to q's.
     """
     t = q.shape[2]
     if cache is not None:
         end = start + t
         cache.k[layer][:, :, start:end] = k
         cache.v[layer][:, :, start:end] = v
-        k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+        k, v = cache.k[layer][:, :, :end].to(q.dtype), cache.v[layer][:, :, :end].to(q.dtype)
     if window is not None and k.shape[2] - t - window + 1 > 0:  # keys no query of these sees: not read
         first = k.shape[2] - t - window + 1
         k, v = k[:, :, first:], v[:, :, first:]

@@ -189,6 +189,7 @@ class LlamaModel(DecoderLM):
         self.rope = RopeCache(*rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
                                              cfg.max_position_embeddings))
         self.layers = LlamaLayers(self.layers)
+        self.kv_dtype: torch.dtype | None = None  # the KV cache's dtype; None: the layers' (offload.cpu.decode)
 
     def block_sources(self, p: str, m: str) -> dict[str, tuple[str, ...]]:
         c = self.config
@@ -203,7 +204,7 @@ class LlamaModel(DecoderLM):
             return KVCache.allocate_per_layer(homes, batch, c.num_key_value_heads, max_len, c.head_dim)
         home_device, home_dtype = homes[0]
         return KVCache.allocate(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
-                                home_dtype, device or home_device)
+                                self.kv_dtype or home_dtype, device or home_device)
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """Final-norm hidden states [b, t, d]. Layers may live on different devices and dtypes

@@ -165,7 +165,8 @@ class OffloadedModel:
                         dtype: str | torch.dtype | None = None, gpu_memory: int | str | None = None,
                         local_files_only: bool = False, revision: str | None = None, context: int = 4096,
                         progress: bool = True, weights: str = "auto", threads: int | None = None,
-                        activations: str = "int8", before_offload=None) -> "OffloadedModel":
+                        activations: str = "int8", kv_cache: str = "float32",
+                        before_offload=None) -> "OffloadedModel":
         """Load ``model`` (hub repo id, local HF directory, ``.gguf`` file, or None for the embedded
         SmolLM2-135M-Instruct). Hub access honours ``HF_HUB_OFFLINE`` and ``local_files_only``.
 
@@ -189,11 +190,14 @@ class OffloadedModel:
         transformers' numbers to float32 rounding).
         ``threads``: CPU threads for the decode kernels (default: every CPU this process may use; on a
         machine shared with other busy processes ``threads=1`` keeps decode steady).
+        ``kv_cache``: the KV cache's dtype for CPU decode, "float32" (the default: transformers' numbers) or
+        "float16" (LLaMA family, device="cpu": keys and values rounded to fp16 as they are stored, as
+        llama.cpp keeps them; one-token attention reads half the bytes, which counts at long contexts).
 
         ``before_offload(model)``, if given, is called once the model and tokenizer are loaded and before
         the hybrid's preparation (which can take minutes the first time), so that cheap checks such as a
         prompt's length fail first. Invalid arguments raise UsageError / BudgetError before anything loads."""
-        from offload.cpu.decode import fuse_decode_blocks, warm_up
+        from offload.cpu.decode import KV_CACHE_DTYPES, fuse_decode_blocks, warm_up
         from offload.formats import ACTIVATIONS, WEIGHT_FORMATS, format_name
 
         budget = parse_memory_size(gpu_memory, allow_zero=True) if gpu_memory is not None else None
@@ -209,6 +213,11 @@ class OffloadedModel:
             raise UsageError(f"weights={weights!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
         if activations not in ACTIVATIONS:
             raise UsageError(f"activations={activations!r}: expected one of {', '.join(ACTIVATIONS)}")
+        if kv_cache not in KV_CACHE_DTYPES:
+            raise UsageError(f"kv_cache={kv_cache!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
+        if kv_cache != "float32" and device.type != "cpu":
+            raise UsageError(f"kv_cache={kv_cache!r} is for CPU decode (device='cpu'); on {device} the cache "
+                             "takes the model's dtype")
         if device.type == "cpu" and dtype != torch.float32:
             raise UsageError(f"dtype={str(dtype).removeprefix('torch.')!r}: CPU decode computes in fp32; use "
                              "dtype='float32' (the default on the CPU) and choose how weights are stored with weights=")
@@ -231,8 +240,12 @@ class OffloadedModel:
                 before_offload(m)
             return m
         if device.type == "cpu":  # every weight matrix in its CPU storage format, built tensor by tensor
-            net = fuse_decode_blocks(build_model(ckpt, progress=progress, weights=weights, activations=activations,
-                                                 threads=start_pool(threads)))
+            net = build_model(ckpt, progress=progress, weights=weights, activations=activations,
+                              threads=start_pool(threads))
+            try:
+                net = fuse_decode_blocks(net, kv_cache)
+            except ValueError as e:  # an fp16 cache on another family than LLaMA's
+                raise UsageError(str(e)) from None
         else:  # hybrid on a GPU: the model on the CPU, then every FFN split between the two
             net = build_for_gpu_hybrid(ckpt, weights, activations, progress)
         m = cls(net, load_tokenizer(ckpt), ckpt, device=torch.device("cpu"), gpu_memory=budget, threads=threads)

@@ -44,6 +44,7 @@ def one_line_error(rc, err, prog, *names):
     (["--device", "tpu"], "--device"),
     (["--dtype", "int8"], "--dtype"),
     (["--weights", "float16", "--dtype", "float16"], "dtype='float32'"),
+    (["--kv-cache", "int8"], "--kv-cache"),
     (["--gpu-memory", "0", "--context", "0"], "--context"),
     (["--gpu-memory", "lots"], "--gpu-memory"),
     (["--max-new-tokens", "-1"], "max_new_tokens"),
@@ -176,6 +177,9 @@ def test_max_new_tokens_zero_prints_no_rate(capsys, chat_ckpt):
     rc, out, err = run_cli(capsys, "generate", chat_ckpt, "--prompt", "hi", "--max-new-tokens", "0")
     assert rc == 0 and "nothing generated (--max-new-tokens 0)" in err and "0.0 tok/s" not in err
     rc, out, err = run_cli(capsys, "generate", chat_ckpt, "--prompt", "hi", "--max-new-tokens", "6")
+    assert rc == 0 and "tok/s steady state (median of 4 decode steps" in err, err
+    rc, out, err = run_cli(capsys, "generate", chat_ckpt, "--prompt", "hi", "--max-new-tokens", "6",
+                           "--kv-cache", "float16")  # an fp16 KV cache (tests/test_cpu_decode.py checks its numbers)
     assert rc == 0 and "tok/s steady state (median of 4 decode steps" in err, err
 
 

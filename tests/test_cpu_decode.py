@@ -72,23 +72,28 @@ def test_exp_f32_matches_exp():
     assert np.all(out <= np.exp(np.float64(-87)) * (1 + 1e-6))
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("h,kvh,hd,steps,threads", [(4, 2, 16, 11, 1), (9, 3, 64, 11, 1), (4, 4, 8, 11, 1),
                                                      (14, 2, 64, 11, 1), (8, 2, 16, 11, 1),
                                                      (9, 3, 64, 180, 2), (4, 2, 32, 520, 2), (14, 2, 64, 90, 2)])
-def test_attend_one_matches_rope_and_cached_attention(h, kvh, hd, steps, threads):
+def test_attend_one_matches_rope_and_cached_attention(h, kvh, hd, steps, threads, kv_dtype):
     """Decode steps at positions 0..steps-1 after a 0-token start: output and cache contents equal torch's
     apply_rope + cached_attention (SDPA) at every step. Groups of 2, 3, 4 and 7 q heads per kv head (7: the
     passes of offload.cpu.attention.HEADS_PER_PASS leave 3, 3 and 1). threads=2: from the position where
-    the cache read is long enough (offload.cpu.attention.attention_parts) the kv heads split over the pool."""
+    the cache read is long enough (offload.cpu.attention.attention_parts) the kv heads split over the pool.
+    An fp16 cache (uint16 bits to the kernel) holds the same rounded values as torch's fp16 cache."""
     from offload.cpu.attention import attention_parts
 
-    if threads > 1:  # the split happens within the steps tested
-        assert attention_parts(h, kvh, steps, hd, threads) >= 2
+    itemsize = torch.tensor([], dtype=kv_dtype).element_size()
+    if threads > 1:  # the split happens within the steps tested (an fp16 cache splits at twice the length)
+        steps = steps * 4 // itemsize
+        assert attention_parts(h, kvh, steps, hd, itemsize, threads) >= 2
     g = torch.Generator().manual_seed(h * hd)
     max_len = steps + 5
     cos_t, sin_t = rope_tables(*rope_inv_freq(hd, 10000.0, None, max_len), max_len)
-    ref = KVCache.allocate(1, 1, kvh, max_len, hd, torch.float32)
-    ours = KVCache.allocate(1, 1, kvh, max_len, hd, torch.float32)
+    ref = KVCache.allocate(1, 1, kvh, max_len, hd, kv_dtype)
+    ours = KVCache.allocate(1, 1, kvh, max_len, hd, kv_dtype)
+    view = (lambda t: t.numpy().view(np.uint16)) if kv_dtype == torch.float16 else (lambda t: t.numpy())
     for pos in range(steps):
         qkv = torch.randn((h + 2 * kvh) * hd, generator=g)
         heads = qkv.view(1, 1, h + 2 * kvh, hd).transpose(1, 2)  # [1, heads, 1, hd]
@@ -96,10 +101,13 @@ def test_attend_one_matches_rope_and_cached_attention(h, kvh, hd, steps, threads
         qk = apply_rope(heads[:, : h + kvh], cos, sin)
         expected = cached_attention(qk[:, :h], qk[:, h:], heads[:, h + kvh:], ref, 0, pos)
         out = np.empty(h * hd, np.float32)
-        attend_one(qkv.numpy(), cos[0].numpy(), sin[0].numpy(), ours.k[0, 0].numpy(), ours.v[0, 0].numpy(),
+        attend_one(qkv.numpy(), cos[0].numpy(), sin[0].numpy(), view(ours.k[0, 0]), view(ours.v[0, 0]),
                    pos, h, kvh, out, threads)
-        torch.testing.assert_close(torch.from_numpy(out), expected.transpose(1, 2).reshape(-1), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ours.k, ref.k, rtol=1e-6, atol=1e-6)
+        # fp16: a rotated k a few fp32 ulp apart can round to neighbouring fp16 values, and move the output
+        tol = 1e-5 if kv_dtype == torch.float32 else 1e-4
+        torch.testing.assert_close(torch.from_numpy(out), expected.transpose(1, 2).reshape(-1), rtol=tol, atol=tol)
+        k_tol = 1e-6 if kv_dtype == torch.float32 else 1e-3
+        torch.testing.assert_close(ours.k, ref.k, rtol=k_tol, atol=k_tol)
         torch.testing.assert_close(ours.v, ref.v, rtol=0, atol=0)
 
 
@@ -172,3 +180,34 @@ def test_cpu_engine_in_a_fresh_process(tiny_checkpoint):
     proc = subprocess.run([sys.executable, "-c", code, tiny_checkpoint("llama")], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "7", (proc.returncode, proc.stderr[-2000:])
+
+
+def test_fp16_kv_cache_decode(tiny_checkpoint):
+    """kv_cache='float16': the cache holds fp16, the fused one-token path (numba, uint16 views) gives the
+    logits of the torch path over the same fp16 cache, and both stay close to an fp32 cache. Refusals name
+    the argument: an unknown dtype, a GPU device (where one is), a family without the fused path (OPT)."""
+    from offload import OffloadedModel
+    from offload.errors import UsageError
+    from offload.models.llama import LlamaLayers
+
+    from helpers import greedy_logits
+
+    path = tiny_checkpoint("llama")
+    ids = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for kv, fused in (("float32", True), ("float16", True), ("float16", False)):
+        m = OffloadedModel.from_pretrained(path, weights="float16", threads=2, kv_cache=kv, progress=False)
+        assert m.model.new_cache(1, 4).k.dtype == getattr(torch, kv)
+        if not fused:
+            m.model.layers = LlamaLayers(list(m.model.layers))
+        runs[(kv, fused)] = greedy_logits(m.model, ids, 6)
+    torch.testing.assert_close(runs[("float16", True)], runs[("float16", False)], rtol=1e-5, atol=1e-5)
+    assert (runs[("float16", True)] - runs[("float32", True)]).abs().max() < 2e-2
+    assert (runs[("float16", True)] - runs[("float32", True)]).abs().max() > 0  # the cache did round
+    with pytest.raises(UsageError, match="kv_cache='bfloat16'"):
+        OffloadedModel.from_pretrained(path, kv_cache="bfloat16", progress=False)
+    if torch.cuda.is_available():  # without one, device='cuda' is refused first
+        with pytest.raises(UsageError, match="kv_cache='float16' is for CPU decode"):
+            OffloadedModel.from_pretrained(path, device="cuda", kv_cache="float16", progress=False)
+    with pytest.raises(UsageError, match="LLaMA-family"):
+        OffloadedModel.from_pretrained(tiny_checkpoint("opt"), kv_cache="float16", progress=False)

@@ -69,6 +69,9 @@ def add_model_options(p, *, hybrid: bool = True) -> None:
                         "does (fast); float32 = as is (transformers' numbers)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for decode (default: every CPU; on a machine shared with busy processes, 1)")
+    p.add_argument("--kv-cache", choices=("float32", "float16"), default="float32",
+                   help="KV cache dtype for CPU decode: float16 (LLaMA family) halves the bytes attention reads "
+                        "a token, which counts at long contexts; float32 = transformers' numbers")
     if hybrid:
         p.add_argument("--gpu-memory", default=None, metavar="SIZE",
                        help="device memory budget for the hybrid runtime, e.g. 8GiB (2^30) or 8GB (10^9); 0 (or "
@@ -116,7 +119,8 @@ def load_model(args, *, before_offload=None):
         args.model, device=args.device, dtype=args.dtype, gpu_memory=getattr(args, "gpu_memory", None),
         context=getattr(args, "context", 4096), revision=args.revision, local_files_only=args.local_files_only,
         weights=args.weights, threads=getattr(args, "threads", None),
-        activations=getattr(args, "activations", "int8"), before_offload=before_offload)
+        activations=getattr(args, "activations", "int8"), kv_cache=getattr(args, "kv_cache", "float32"),
+        before_offload=before_offload)
 
 
 def info(message: str) -> None:

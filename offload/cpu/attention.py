@@ -8,7 +8,8 @@ offload.cpu.matvec (any storage format). The references are the torch paths they
 (models.common.RMSNorm, apply_rope + cached_attention, models.llama.Attention); tests compare them.
 
 Shapes (one sequence, one new token at position ``pos``): h query heads, kvh key/value heads (h % kvh == 0,
-GQA), hd head dim (even); one layer's cache is k, v [kvh, max_len, hd].
+GQA), hd head dim (even); one layer's cache is k, v [kvh, max_len, hd], float32 or uint16 holding fp16 bits
+(an fp16 KV cache: read through offload.cpu.widen.as_f32, written through narrow_like).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from offload.cpu.matvec import MIN_BYTES_PER_THREAD, matvec
-from offload.cpu.widen import f32_from_bits
+from offload.cpu.widen import as_f32, f32_from_bits, narrow_like
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -49,11 +50,11 @@ def rope_and_store(qkv, cos, sin, kc, vc, pos, h, kvh, q):
             if head < h:
                 q[head, j], q[head, half + j] = ra, rb
             else:
-                kc[head - h, pos, j], kc[head - h, pos, half + j] = ra, rb
+                kc[head - h, pos, j], kc[head - h, pos, half + j] = narrow_like(ra, kc), narrow_like(rb, kc)
     vbase = (h + kvh) * hd
     for g in range(kvh):
         for j in range(hd):
-            vc[g, pos, j] = qkv[vbase + g * hd + j]
+            vc[g, pos, j] = narrow_like(qkv[vbase + g * hd + j], vc)
 
 
 # exp_f32: Cody-Waite reduction x = n·ln2 + r (ln2 in two parts), a degree-6 polynomial for e^r on
@@ -92,16 +93,16 @@ def head_scores(q, k, n, scale, p):
         s0 = s1 = s2 = s3 = np.float32(0.0)
         for j in range(hd):
             qj = q[j]
-            s0 += qj * k[t, j]
-            s1 += qj * k[t + 1, j]
-            s2 += qj * k[t + 2, j]
-            s3 += qj * k[t + 3, j]
+            s0 += qj * as_f32(k[t, j])
+            s1 += qj * as_f32(k[t + 1, j])
+            s2 += qj * as_f32(k[t + 2, j])
+            s3 += qj * as_f32(k[t + 3, j])
         p[t], p[t + 1], p[t + 2], p[t + 3] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
         t += 4
     while t < n:
         s = np.float32(0.0)
         for j in range(hd):
-            s += q[j] * k[t, j]
+            s += q[j] * as_f32(k[t, j])
         p[t] = s * scale
         t += 1
 
@@ -129,12 +130,13 @@ def weighted_values(p, v, n, inv, o):
     while t + 4 <= n:
         p0, p1, p2, p3 = p[t], p[t + 1], p[t + 2], p[t + 3]
         for j in range(hd):
-            o[j] += p0 * v[t, j] + p1 * v[t + 1, j] + p2 * v[t + 2, j] + p3 * v[t + 3, j]
+            o[j] += (p0 * as_f32(v[t, j]) + p1 * as_f32(v[t + 1, j]) + p2 * as_f32(v[t + 2, j])
+                     + p3 * as_f32(v[t + 3, j]))
         t += 4
     while t < n:
         pt = p[t]
         for j in range(hd):
-            o[j] += pt * v[t, j]
+            o[j] += pt * as_f32(v[t, j])
         t += 1
     for j in range(hd):
         o[j] *= inv
@@ -157,8 +159,8 @@ def group_scores(q, h0, c, k, n, scale, P):
     while t + 2 <= n:
         a0 = a1 = b0 = b1 = c0 = c1 = np.float32(0.0)
         for j in range(hd):
-            k0 = k[t, j]
-            k1 = k[t + 1, j]
+            k0 = as_f32(k[t, j])
+            k1 = as_f32(k[t + 1, j])
             a0 += qa[j] * k0
             a1 += qa[j] * k1
             b0 += qb[j] * k0
@@ -171,7 +173,7 @@ def group_scores(q, h0, c, k, n, scale, P):
     while t < n:
         a0 = b0 = c0 = np.float32(0.0)
         for j in range(hd):
-            k0 = k[t, j]
+            k0 = as_f32(k[t, j])
             a0 += qa[j] * k0
             b0 += qb[j] * k0
             c0 += qc[j] * k0
@@ -198,8 +200,8 @@ def group_values(P, c, v, n, inv, out, h0):
         if c == 2:  # the third row repeats the second: keep it from adding twice
             pc0 = pc1 = np.float32(0.0)
         for j in range(hd):
-            v0 = v[t, j]
-            v1 = v[t + 1, j]
+            v0 = as_f32(v[t, j])
+            v1 = as_f32(v[t + 1, j])
             oa[j] += pa0 * v0 + pa1 * v1
             ob[j] += pb0 * v0 + pb1 * v1
             oc[j] += pc0 * v0 + pc1 * v1
@@ -207,7 +209,7 @@ def group_values(P, c, v, n, inv, out, h0):
     while t < n:
         pa0, pb0, pc0 = P[0, t], P[1, t], pc[t] if c == 3 else np.float32(0.0)
         for j in range(hd):
-            v0 = v[t, j]
+            v0 = as_f32(v[t, j])
             oa[j] += pa0 * v0
             ob[j] += pb0 * v0
             oc[j] += pc0 * v0
@@ -256,12 +258,12 @@ def attend_kv_heads_parallel(q, kc, vc, n, h, kvh, parts, out):
 
 
 @njit(nogil=True, cache=True)
-def attention_parts(h, kvh, n, hd, threads):
+def attention_parts(h, kvh, n, hd, itemsize, threads):
     """How many parts (kv-head ranges, one thread each) attend_one splits n positions into: one per
-    MIN_BYTES_PER_THREAD of the K and V rows read (once per pass of HEADS_PER_PASS q heads), at most
-    ``threads`` and ``kvh``."""
+    MIN_BYTES_PER_THREAD of the K and V rows read (once per pass of HEADS_PER_PASS q heads; ``itemsize``
+    bytes an element: 4 for an fp32 cache, 2 for fp16), at most ``threads`` and ``kvh``."""
     passes = kvh * -(-(h // kvh) // HEADS_PER_PASS)
-    return max(1, min(threads, kvh, 2 * passes * n * hd * 4 // MIN_BYTES_PER_THREAD))
+    return max(1, min(threads, kvh, 2 * passes * n * hd * itemsize // MIN_BYTES_PER_THREAD))
 
 
 @njit(nogil=True, fastmath=True, cache=True)
@@ -270,7 +272,8 @@ def attend_one(qkv, cos, sin, kc, vc, pos, h, kvh, out, threads=1):
 
     qkv  float32 [(h + 2·kvh)·hd]  the token's q heads, then k heads, then v heads (not yet rotated)
     cos, sin float32 [hd]           RoPE tables at ``pos`` (half-rotation layout, as HF LLaMA)
-    kc, vc float32 [kvh, max_len, hd]  this layer's cache; k (rotated) and v are written at ``pos``
+    kc, vc [kvh, max_len, hd]        this layer's cache (float32, or uint16 fp16 bits); k (rotated) and v
+                                    are written at ``pos``
     out  float32 [h·hd]             softmax(q·kᵀ/√hd)·v per head, heads concatenated
     threads: kv heads split over the pool when the cache they read is long enough to pay for a parallel
     region (:func:`attention_parts`)
@@ -279,7 +282,7 @@ def attend_one(qkv, cos, sin, kc, vc, pos, h, kvh, out, threads=1):
     q = np.empty((h, hd), np.float32)
     rope_and_store(qkv, cos, sin, kc, vc, pos, h, kvh, q)
     n = pos + 1
-    parts = attention_parts(h, kvh, n, hd, threads)
+    parts = attention_parts(h, kvh, n, hd, kc.itemsize, threads)
     if parts > 1:
         attend_kv_heads_parallel(q, kc, vc, n, h, kvh, parts, out)
     else:

@@ -101,13 +101,18 @@ def _remembered(module: nn.Module, key: tuple, build):
 
 
 def _kv_views(attn: nn.Module, cache, layer: int):
-    """(k, v) NumPy views of layer ``layer`` of ``cache`` (fp32 on the CPU), or None: remembered for the
-    cache's tensors through a weak reference (a finished generate's cache is not kept alive)."""
+    """(k, v) NumPy views of layer ``layer`` of ``cache`` (on the CPU: fp32, or fp16 as its uint16 bits), or
+    None: remembered for the cache's tensors through a weak reference (a finished generate's cache is not
+    kept alive)."""
     got = attn.__dict__.get("_kv")
     if got is None or got[0]() is not cache.k:
         k, v = cache.k[layer], cache.v[layer]
-        ok = k.dtype == torch.float32 and k.device.type == "cpu"
-        got = attn.__dict__["_kv"] = (weakref.ref(cache.k), (k[0].numpy(), v[0].numpy()) if ok else None)
+        views = None
+        if k.device.type == "cpu" and k.dtype == torch.float32:
+            views = (k[0].numpy(), v[0].numpy())
+        elif k.device.type == "cpu" and k.dtype == torch.float16:
+            views = (k[0].numpy().view(np.uint16), v[0].numpy().view(np.uint16))
+        got = attn.__dict__["_kv"] = (weakref.ref(cache.k), views)
     return got[1]
 
 
@@ -225,12 +230,22 @@ class FusedLlamaLayers(LlamaLayers):
         return plan
 
 
-def fuse_decode_blocks(model: nn.Module) -> nn.Module:
+KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def fuse_decode_blocks(model: nn.Module, kv_cache: str = "float32") -> nn.Module:
     """Swap each LLaMA block's attention and dense FFN, the block list and the final norm for the fused
     decode variants (in place; other families and FFNs the engine already swapped are left as they are).
+    ``kv_cache``: the KV cache's dtype, a key of KV_CACHE_DTYPES; "float16" (LLaMA family only) halves the
+    bytes one-token attention reads (compute stays fp32; K and V are rounded to fp16 as they are stored).
     Returns the model."""
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache={kv_cache!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
     if not isinstance(model, LlamaModel):
+        if kv_cache != "float32":
+            raise ValueError(f"kv_cache={kv_cache!r} needs a LLaMA-family model (not {type(model).__name__})")
         return model
+    model.kv_dtype = KV_CACHE_DTYPES[kv_cache]
     for layer in model.layers:
         if type(layer.attn) is Attention:
             layer.attn = FusedAttention.of(layer.attn)
