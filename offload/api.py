@@ -199,6 +199,8 @@ class OffloadedModel:
         prompt's length fail first. Invalid arguments raise UsageError / BudgetError before anything loads."""
         from offload.cpu.decode import KV_CACHE_DTYPES, fuse_decode_blocks, warm_up
         from offload.formats import ACTIVATIONS, WEIGHT_FORMATS, format_name
+        from offload.models import family_for
+        from offload.models.llama import LlamaModel
 
         budget = parse_memory_size(gpu_memory, allow_zero=True) if gpu_memory is not None else None
         device = _resolve_device(device)
@@ -232,6 +234,9 @@ class OffloadedModel:
         except ValueError as e:
             raise UsageError(str(e)) from None
         ckpt = open_checkpoint(model, revision=revision, local_files_only=local_files_only)
+        if kv_cache != "float32" and not issubclass(family_for(ckpt.config.get("model_type"))[2], LlamaModel):
+            raise UsageError(f"kv_cache={kv_cache!r} needs a LLaMA-family model (the fused CPU decode path), not "
+                             f"model_type {ckpt.config.get('model_type')!r}")
         if budget is None and device.type != "cpu":  # dense on a GPU: torch modules in dtype
             net = build_model(ckpt, dtype=dtype, device=device, progress=progress)
             m = cls(net, load_tokenizer(ckpt), ckpt, device=device, threads=threads)
@@ -240,12 +245,8 @@ class OffloadedModel:
                 before_offload(m)
             return m
         if device.type == "cpu":  # every weight matrix in its CPU storage format, built tensor by tensor
-            net = build_model(ckpt, progress=progress, weights=weights, activations=activations,
-                              threads=start_pool(threads))
-            try:
-                net = fuse_decode_blocks(net, kv_cache)
-            except ValueError as e:  # an fp16 cache on another family than LLaMA's
-                raise UsageError(str(e)) from None
+            net = fuse_decode_blocks(build_model(ckpt, progress=progress, weights=weights, activations=activations,
+                                                 threads=start_pool(threads)), kv_cache)
         else:  # hybrid on a GPU: the model on the CPU, then every FFN split between the two
             net = build_for_gpu_hybrid(ckpt, weights, activations, progress)
         m = cls(net, load_tokenizer(ckpt), ckpt, device=torch.device("cpu"), gpu_memory=budget, threads=threads)

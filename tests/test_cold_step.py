@@ -24,7 +24,7 @@ def layer(n, d, seed):
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])  # 3 and 5: more parts than the pool's 2 threads
 @pytest.mark.parametrize("fp16", [False, True])
 @pytest.mark.parametrize("norm", [False, True])
-def test_one_region_equals_the_separate_path(threads, fp16, norm):
+def test_all_cold_step_equals_the_separate_path(threads, fp16, norm):
     """Same neurons and output as the separate path, with the norm before and the residual after when a
     norm is given; any number of parts (per-thread outputs), also more than the pool's threads."""
     start_pool(2)

@@ -53,6 +53,7 @@ def add_model_argument(p) -> None:
 def add_model_options(p, *, hybrid: bool = True) -> None:
     """MODEL and how to load it: --device, --dtype, --weights, --revision, --local-files-only, and with
     ``hybrid`` the GPU budget options --gpu-memory and --context."""
+    from offload.cpu.decode import KV_CACHE_DTYPES
     from offload.formats import ACTIVATIONS, WEIGHT_FORMATS
 
     add_model_argument(p)
@@ -69,7 +70,7 @@ def add_model_options(p, *, hybrid: bool = True) -> None:
                         "does (fast); float32 = as is (transformers' numbers)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for decode (default: every CPU; on a machine shared with busy processes, 1)")
-    p.add_argument("--kv-cache", choices=("float32", "float16"), default="float32",
+    p.add_argument("--kv-cache", choices=tuple(KV_CACHE_DTYPES), default="float32",
                    help="KV cache dtype for CPU decode: float16 (LLaMA family) halves the bytes attention reads "
                         "a token, which counts at long contexts; float32 = transformers' numbers")
     if hybrid:
